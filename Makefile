@@ -1,0 +1,35 @@
+# make demo | make test | make bench — each creates .venv and installs d2lite when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# the offline copy of Fashion-MNIST beside the checkout, when there is one (absolute: notebooks
+# run in their own directories)
+ifneq ($(wildcard ../shared/data/FashionMNIST),)
+D2LITE_DATA ?= $(abspath ../shared/data)
+endif
+export D2LITE_DATA
+
+DEMO_ARGS ?=
+
+.PHONY: demo test bench install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[course,test]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/d2lite compare --out results $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/bench_batch_norm.py
+	$(PY) benchmarks/bench_end_to_end.py
+
+clean:
+	rm -rf results submitted autograded feedback gradebook.db .pytest_cache

@@ -1,0 +1,106 @@
+"""The LeNet family of the chapter and its exercises, built from options rather than copies."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable
+
+from torch import nn
+
+from .modules import BatchNorm
+
+__all__ = ["lenet", "LAYERS", "VARIANTS", "count_parameters"]
+
+LAYERS = ("conv1", "conv2", "fc1", "fc2")  # the layers that can be followed by batch norm
+
+# channels, hidden sizes, input size, padding of conv1, activation, pooling
+VARIANTS = {
+    # d2l §8.5's LeNet: 28x28 input, no padding (16*4*4 features), sigmoid, average pooling
+    "d2l": dict(channels=(6, 16), hidden=(120, 84), input_size=28, padding=0,
+                activation="sigmoid", pool="avg"),
+    # deeplizard's network: ReLU and max pooling, 6 and 12 channels, 120 and 60 units
+    "deeplizard": dict(channels=(6, 12), hidden=(120, 60), input_size=28, padding=0,
+                       activation="relu", pool="max"),
+    # LeNet-5 on 32x32 input (Fashion-MNIST resized to 32): 16*5*5 features
+    "lenet5": dict(channels=(6, 16), hidden=(120, 84), input_size=32, padding=0,
+                   activation="relu", pool="max"),
+}
+_ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+_POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
+_NORMS = {"d2lite": lambda c, dims: BatchNorm(c),
+          "torch": lambda c, dims: nn.BatchNorm2d(c) if dims == 4 else nn.BatchNorm1d(c)}
+
+
+def lenet(variant: str = "d2l", *, norm: str | None = None,
+          norm_layers: Iterable[str] | str = LAYERS, norm_position: str = "before",
+          bias: bool = True, activation: str | None = None, pool: str | None = None,
+          dropout: float = 0.0, dropout_layers: Iterable[str] = ("fc1", "fc2"),
+          input_size: int | None = None, num_classes: int = 10) -> nn.Sequential:
+    """A LeNet for (N, 1, H, W) images returning logits of shape (N, num_classes).
+
+    variant: ``"d2l"`` (the chapter's: sigmoid, average pooling, 28x28), ``"deeplizard"`` (ReLU,
+        max pooling) or ``"lenet5"`` (32x32 input: load the data with ``resize=32``).
+    norm: ``None`` (no batch norm), ``"d2lite"`` (d2lite.BatchNorm) or ``"torch"``
+        (nn.BatchNorm2d after convolutions, nn.BatchNorm1d after linear layers).
+    norm_layers: which of ``LAYERS`` ("conv1", "conv2", "fc1", "fc2") get batch norm, or "all".
+    norm_position: ``"before"`` the activation (the book's, Ioffe & Szegedy's) or ``"after"``.
+    bias: False drops the bias of every layer directly followed by batch norm (it is redundant
+        there: the normalization subtracts it again); layers without batch norm keep theirs.
+    activation, pool: override the variant's (``"sigmoid"``, ``"relu"``, ``"tanh"``; ``"avg"``,
+        ``"max"``).
+    dropout: probability of nn.Dropout after the activation of the layers in ``dropout_layers``.
+
+    Layers are named (``conv1``, ``bn1``, ``act1``, ``pool1``, …, ``fc3``), and the order of
+    the d2l variant with batch norm everywhere is the book's, so ``net[1]`` is the first BatchNorm.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    spec = dict(VARIANTS[variant])
+    activation = activation or spec["activation"]
+    pool = pool or spec["pool"]
+    input_size = input_size or spec["input_size"]
+    norm_layers = LAYERS if norm_layers == "all" else tuple(norm_layers)
+    dropout_layers = tuple(dropout_layers)
+    _check_choice("norm", norm, (None, *_NORMS))
+    _check_choice("norm_position", norm_position, ("before", "after"))
+    _check_choice("activation", activation, tuple(_ACTIVATIONS))
+    _check_choice("pool", pool, tuple(_POOLS))
+    for name, chosen in (("norm_layers", norm_layers), ("dropout_layers", dropout_layers)):
+        unknown = set(chosen) - set(LAYERS)
+        if unknown:
+            raise ValueError(f"{name} may name only {LAYERS}, got unknown {sorted(unknown)}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+    (c1, c2), (h1, h2) = spec["channels"], spec["hidden"]
+    side = ((input_size + 2 * spec["padding"] - 4) // 2 - 4) // 2  # two conv5 + pool2 stages
+    if side < 1:
+        raise ValueError(f"input_size {input_size} is too small for two 5x5 convolutions and pools")
+    layers: list[tuple[str, nn.Module]] = []
+
+    def block(name: str, index: int, make_layer, width: int, dims: int) -> None:
+        normed = norm is not None and name in norm_layers
+        layers.append((name, make_layer(bias or not normed)))
+        bn = [(f"bn{index}", _NORMS[norm](width, dims))] if normed else []
+        act = [(f"act{index}", _ACTIVATIONS[activation]())]
+        layers.extend(bn + act if norm_position == "before" else act + bn)
+        if dropout and name in dropout_layers:
+            layers.append((f"drop{index}", nn.Dropout(dropout)))
+
+    block("conv1", 1, lambda b: nn.Conv2d(1, c1, 5, padding=spec["padding"], bias=b), c1, 4)
+    layers.append(("pool1", _POOLS[pool](2, 2)))
+    block("conv2", 2, lambda b: nn.Conv2d(c1, c2, 5, bias=b), c2, 4)
+    layers += [("pool2", _POOLS[pool](2, 2)), ("flatten", nn.Flatten())]
+    block("fc1", 3, lambda b: nn.Linear(c2 * side * side, h1, bias=b), h1, 2)
+    block("fc2", 4, lambda b: nn.Linear(h1, h2, bias=b), h2, 2)
+    layers.append(("fc3", nn.Linear(h2, num_classes)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def count_parameters(net: nn.Module, trainable_only: bool = True) -> int:
+    """The number of (trainable) scalar parameters of ``net``."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)
+
+
+def _check_choice(name, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
