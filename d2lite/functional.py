@@ -73,15 +73,14 @@ class _BatchNormTrain(torch.autograd.Function):
         shape = (1, X.shape[1]) + (1,) * (X.dim() - 2)
         count = X.numel() // X.shape[1]
         dbeta = dY.sum(dims)
-        # sum(dY * xhat) = (sum(dY * X) - mean * sum(dY)) * inv_std, without materializing xhat
-        dgamma = ((dY * X).sum(dims) - mean * dbeta) * inv_std
+        centered = X - mean.view(shape)  # kept explicit: X*b + c would cancel badly in float32
+        dgamma = (dY * centered).sum(dims) * inv_std
         dX = None
         if ctx.needs_input_grad[0]:
             k = inv_std if gamma is None else gamma * inv_std
-            # dX = k * (dY - dbeta/M - xhat * dgamma/M) = k*dY + b*X + c, per channel
-            b = -k * inv_std * dgamma / count
-            c = -k * dbeta / count - b * mean
-            dX = torch.addcmul(c.view(shape), X, b.view(shape)).addcmul_(dY, k.view(shape))
+            # dX = k * (dY - dbeta/M - xhat * dgamma/M), xhat = centered * inv_std
+            dX = torch.addcmul((-k * dbeta / count).view(shape), dY, k.view(shape))
+            dX.addcmul_(centered, (-k * inv_std * dgamma / count).view(shape))
         dgamma_out = dgamma if gamma is not None and ctx.needs_input_grad[1] else None
         dbeta_out = dbeta if ctx.needs_input_grad[2] else None
         return dX, dgamma_out, dbeta_out, None
