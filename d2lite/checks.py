@@ -1,11 +1,20 @@
 """Helpers for the notebooks' test cells: comparisons whose failures teach, and gradient checks."""
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["rel_error", "assert_close", "numerical_gradient", "check_gradients"]
+__all__ = ["rel_error", "assert_close", "numerical_gradient", "check_gradients", "forbid_calls",
+           "BATCH_NORM_LIBRARY_FUNCTIONS"]
+
+# the library implementations a from-scratch batch norm must not call
+BATCH_NORM_LIBRARY_FUNCTIONS = ("torch.nn.functional.batch_norm", "torch.batch_norm",
+                                "torch.native_batch_norm", "torch.nn.functional.instance_norm",
+                                "d2lite.batch_norm", "d2lite.functional.batch_norm")
 
 
 def rel_error(x, y) -> float:
@@ -101,3 +110,44 @@ def check_gradients(f: Callable[..., torch.Tensor], *inputs: torch.Tensor, names
                                  "in the computation, or was it detached?")
         assert_close(g, expected, f"the gradient of {name}", rtol=rtol, atol=atol,
                      hint="compare your backward pass with the chain rule term by term")
+
+
+@contextmanager
+def forbid_calls(*names: str, namespace: dict | None = None) -> Iterator[None]:
+    """Inside the block, calling any of the dotted ``names`` raises an AssertionError that names it.
+
+    Used by structural tests: ``with forbid_calls(*BATCH_NORM_LIBRARY_FUNCTIONS): my_bn(X, ...)``
+    proves the student's function does the work itself. Aliases in ``namespace`` (default: the
+    notebook's ``__main__`` globals), as left by ``from torch.nn.functional import batch_norm``,
+    are blocked too.
+    """
+    names = names or BATCH_NORM_LIBRARY_FUNCTIONS
+    namespace = vars(sys.modules["__main__"]) if namespace is None else namespace
+    patched: list[tuple[object, str, object]] = []
+
+    def blocker(name):
+        def blocked(*args, **kwargs):
+            raise AssertionError(f"your code called {name}: implement the computation yourself "
+                                 "with tensor operations (mean, var, sqrt, ...) instead")
+        return blocked
+
+    try:
+        originals = {}
+        for name in names:
+            module_name, _, attr = name.rpartition(".")
+            module = importlib.import_module(module_name)
+            original = getattr(module, attr)
+            originals[id(original)] = name
+            patched.append((module, attr, original))
+            setattr(module, attr, blocker(name))
+        for key, value in list(namespace.items()):
+            if id(value) in originals:
+                patched.append((namespace, key, value))
+                namespace[key] = blocker(originals[id(value)])
+        yield
+    finally:
+        for target, attr, original in reversed(patched):
+            if isinstance(target, dict):
+                target[attr] = original
+            else:
+                setattr(target, attr, original)

@@ -147,8 +147,8 @@ def train(net: nn.Module, train_iter: Iterable, test_iter: Iterable, num_epochs:
     """
     if not isinstance(num_epochs, int) or num_epochs < 1:
         raise ValueError(f"num_epochs must be a positive int, got {num_epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not 0 < lr < float("inf"):
+        raise ValueError(f"lr must be positive and finite, got {lr!r}")
     device = torch.device(device) if device is not None else try_gpu()
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # sigmoid nets at lr ~1 make denormals that slow CPUs ~5x
@@ -165,54 +165,59 @@ def train(net: nn.Module, train_iter: Iterable, test_iter: Iterable, num_epochs:
     callbacks = list(callbacks)
     if show:
         callbacks.append(plot.LivePlot(title=name or None, num_epochs=num_epochs))
-    bar = _progress_bar(num_epochs * _len_or_none(train_iter), show if progress is None else progress)
+    bar = _progress_bar(num_epochs * _num_batches(train_iter), show if progress is None else progress)
 
-    for epoch in range(1, num_epochs + 1):
-        epoch_start = time.perf_counter()
-        lr_now = opt.param_groups[0]["lr"]
-        net.train()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen, train_seconds = 0, 0.0
-        for X, y in train_iter:
-            step_start = time.perf_counter()
-            X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            y_hat = net(X)
-            batch_loss = loss_fn(y_hat, y)
-            batch_loss.backward()
-            opt.step()
-            with torch.no_grad():
-                loss_sum += batch_loss.detach() * y.numel()
-                correct += accuracy(y_hat, y)
-            seen += y.numel()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_seconds += time.perf_counter() - step_start
+    diverged = False
+    try:
+        for epoch in range(1, num_epochs + 1):
+            epoch_start = time.perf_counter()
+            lr_now = opt.param_groups[0]["lr"]
+            net.train()
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen, train_seconds = 0, 0.0
+            for X, y in train_iter:
+                step_start = time.perf_counter()
+                X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                opt.zero_grad(set_to_none=True)
+                y_hat = net(X)
+                batch_loss = loss_fn(y_hat, y)
+                batch_loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    loss_sum += batch_loss.detach() * y.numel()
+                    correct += accuracy(y_hat, y)
+                seen += y.numel()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_seconds += time.perf_counter() - step_start
+                if bar is not None:
+                    bar.update(1)
+            if seen == 0:
+                raise ValueError("train_iter produced no batches")
+            train_loss = loss_sum.item() / seen
+            if train_loss != train_loss or abs(train_loss) == float("inf"):
+                if verbose and not diverged:
+                    print(f"epoch {epoch}: the training loss is {train_loss} — training diverged")
+                diverged = True
+            test_acc = evaluate_accuracy(net, test_iter, device)
+            if sched is not None:
+                sched.step()
+            history.epochs.append(EpochStats(
+                epoch=epoch, train_loss=train_loss, train_acc=correct.item() / seen, test_acc=test_acc,
+                lr=lr_now, examples_per_sec=seen / train_seconds if train_seconds else 0.0,
+                seconds=time.perf_counter() - epoch_start, num_examples=seen,
+                train_seconds=train_seconds))
             if bar is not None:
-                bar.update(1)
-        if seen == 0:
-            raise ValueError("train_iter produced no batches")
-        train_loss = loss_sum.item() / seen
-        if not torch.isfinite(torch.tensor(train_loss)) and verbose:
-            print(f"epoch {epoch}: the training loss is {train_loss} — training diverged")
-        test_acc = evaluate_accuracy(net, test_iter, device)
-        if sched is not None:
-            sched.step()
-        history.epochs.append(EpochStats(
-            epoch=epoch, train_loss=train_loss, train_acc=correct.item() / seen, test_acc=test_acc,
-            lr=lr_now, examples_per_sec=seen / train_seconds if train_seconds else 0.0,
-            seconds=time.perf_counter() - epoch_start, num_examples=seen,
-            train_seconds=train_seconds))
+                bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{test_acc:.3f}")
+            for callback in callbacks:
+                callback(history)
+    finally:
         if bar is not None:
-            bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{test_acc:.3f}")
+            bar.close()
         for callback in callbacks:
-            callback(history)
-    if bar is not None:
-        bar.close()
-    for callback in callbacks:
-        if hasattr(callback, "close"):
-            callback.close()
+            if hasattr(callback, "close"):
+                callback.close()
     if verbose:
         print(history.summary())
     return history
@@ -226,7 +231,7 @@ def _device_of(net: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _len_or_none(iterable) -> int:
+def _num_batches(iterable) -> int:
     try:
         return len(iterable)
     except TypeError:
