@@ -1,4 +1,4 @@
-# make demo | make test | make bench — each creates .venv and installs d2lite when needed.
+# make demo | make test | make bench | make lab — each creates .venv and installs d2lite when needed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ export D2LITE_DATA
 
 DEMO_ARGS ?=
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench lab install clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_batch_norm.py
 	$(PY) benchmarks/bench_end_to_end.py
+
+lab: install
+	$(VENV)/bin/jupyter lab chapters/batch_norm
 
 clean:
 	rm -rf results submitted autograded feedback gradebook.db .pytest_cache
