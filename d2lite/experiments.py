@@ -172,7 +172,7 @@ def run_grid(networks: Mapping[str, Callable[[], nn.Module]], params: Mapping[st
     """Train every network under every combination of ``params`` (deeplizard's RunManager).
 
     For each run of ``grid(params)``, ``data(run)`` is called once and its iterators serve every
-    network; each network is built fresh by ``networks[name]()`` and trained by ``train_fn`` with
+    network (a d2lite loader is rewound, so each network sees the same shuffles); each network is built fresh by ``networks[name]()`` and trained by ``train_fn`` with
     ``lr=run.lr``. A run whose training diverges is kept: its NaN loss sorts last.
 
     Args:
@@ -217,7 +217,10 @@ def run_grid(networks: Mapping[str, Callable[[], nn.Module]], params: Mapping[st
             raise TypeError(f"data({run}) must return (train_iter, test_iter), got {loaders!r}")
         train_iter, test_iter = loaders
         settings = " ".join(f"{k}={_format(k, v)}" for k, v in run._asdict().items())
+        first_epoch = getattr(train_iter, "epoch", None)
         for name, build in networks.items():
+            if first_epoch is not None:  # every network sees the same sequence of shuffles
+                train_iter.epoch = first_epoch
             if seed is not None:
                 torch.manual_seed(seed)
             history = train_fn(build(), train_iter, test_iter, num_epochs, lr=run.lr,

@@ -43,8 +43,9 @@ def lenet(variant: str = "d2l", *, norm: str | None = None,
         (nn.BatchNorm2d after convolutions, nn.BatchNorm1d after linear layers).
     norm_layers: which of ``LAYERS`` ("conv1", "conv2", "fc1", "fc2") get batch norm, or "all".
     norm_position: ``"before"`` the activation (the book's, Ioffe & Szegedy's) or ``"after"``.
-    bias: False drops the bias of every layer directly followed by batch norm (it is redundant
-        there: the normalization subtracts it again); layers without batch norm keep theirs.
+    bias: False drops the bias of every layer directly followed by batch norm, i.e. with
+        ``norm_position="before"`` (it is redundant there: the normalization subtracts it again);
+        every other layer keeps its bias.
     activation, pool: override the variant's (``"sigmoid"``, ``"relu"``, ``"tanh"``; ``"avg"``,
         ``"max"``).
     dropout: probability of nn.Dropout after the activation of the layers in ``dropout_layers``.
@@ -79,7 +80,7 @@ def lenet(variant: str = "d2l", *, norm: str | None = None,
 
     def block(name: str, index: int, make_layer, width: int, dims: int) -> None:
         normed = norm is not None and name in norm_layers
-        layers.append((name, make_layer(bias or not normed)))
+        layers.append((name, make_layer(bias or not (normed and norm_position == "before"))))
         bn = [(f"bn{index}", _NORMS[norm](width, dims))] if normed else []
         act = [(f"act{index}", _ACTIVATIONS[activation]())]
         layers.extend(bn + act if norm_position == "before" else act + bn)

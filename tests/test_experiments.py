@@ -224,3 +224,23 @@ def test_run_grid_seed_gives_every_run_the_same_initial_weights():
     assert len(seeded) == 4 and all(torch.equal(w, seeded[0]) for w in seeded)
     unseeded = weights_of_runs(seed=None)
     assert not torch.equal(unseeded[0], unseeded[1])
+
+
+def test_run_grid_gives_every_network_the_same_shuffles():
+    from d2lite.data import TensorLoader
+    from d2lite.experiments import run_grid
+    from d2lite.train import EpochStats, History
+
+    images = torch.arange(64, dtype=torch.uint8).view(64, 1, 1, 1)
+    loader = TensorLoader(images, torch.zeros(64, dtype=torch.long), 8, shuffle=True, seed=3)
+    seen = {}
+
+    def fake_train(net, train_iter, test_iter, num_epochs, lr, name="", **kwargs):
+        seen[name] = [X.flatten().tolist() for _ in range(num_epochs) for X, _ in train_iter]
+        stats = EpochStats(1, 1.0, 0.5, 0.5, lr, 1.0, 1.0)
+        return History(name=name, epochs=[stats])
+
+    run_grid({"a": torch.nn.Identity, "b": torch.nn.Identity}, {"lr": [0.1]},
+             lambda run: (loader, loader), num_epochs=2, verbose=False, train_fn=fake_train)
+    first, second = seen.values()
+    assert first == second and first[0] != first[len(first) // 2]  # same epochs, reshuffled

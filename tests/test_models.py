@@ -80,3 +80,8 @@ def test_deeplizard_and_lenet5_variants():
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lenet(**kwargs)
+
+
+def test_bias_false_keeps_biases_when_norm_comes_after_the_activation():
+    net = lenet(norm="d2lite", norm_position="after", bias=False)
+    assert all(getattr(net, n).bias is not None for n in ("conv1", "conv2", "fc1", "fc2", "fc3"))
