@@ -1,7 +1,8 @@
 """End to end: the chapter's experiment (load Fashion-MNIST, train LeNet-BN 10 epochs, evaluate
 after every epoch), d2l's own pipeline against d2lite's, side by side in one run.
 
-    .venv/bin/python benchmarks/bench_end_to_end.py                 # full: 10 epochs, 60,000 examples
+    .venv/bin/python benchmarks/bench_end_to_end.py              # 10 epochs of 60,000 examples
+    .venv/bin/python benchmarks/bench_end_to_end.py --rounds 2   # twice, the second in reverse
     .venv/bin/python benchmarks/bench_end_to_end.py --epochs 1 --subset 6000   # a quick look
 
 Pipelines (all with batch 256, SGD lr 1.0, Xavier init, evaluation on the 10,000 test images
@@ -22,8 +23,10 @@ measures the pipelines' work rather than the neighbours'; d2l's four DataLoader 
 separate processes and still run beside its training thread.
 
 Each pipeline runs in its own fresh Python process, one after the other, so that none inherits
-another's caches and each one's peak memory is its own. Wall time runs from before the data is
-loaded to after the last evaluation (interpreter start and imports excluded, for all alike).
+another's caches and each one's peak memory is its own. With ``--rounds N`` the sequence runs N
+times, every other round in reverse order, and the table gives each pipeline's median round.
+Wall time runs from before the data is loaded to after the last evaluation (interpreter start
+and imports excluded, for all alike).
 Peak memory is the pipeline process's peak resident set size (``resource.getrusage(
 RUSAGE_SELF).ru_maxrss``) and, in brackets, its growth over the resident size after the imports
 (torch alone is about 0.7 GB here); d2l's four DataLoader worker processes (forked, mostly
@@ -129,7 +132,8 @@ def machine() -> dict:
 
 def table(rows: list[dict], ref: dict | None) -> str:
     head = ("| pipeline | wall time | examples/s end to end | examples/s training step | "
-            "test acc (final) | peak RSS | wall-time speed-up vs d2l | training-step speed-up vs d2l |")
+            "test acc (final) | peak RSS | wall-time speed-up vs d2l | "
+            "training-step speed-up vs d2l |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         speed = step = "—"
@@ -157,7 +161,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads in every pipeline; 0: torch's default")
     parser.add_argument("--pipelines", default=",".join(DEFAULT),
-                        help=f"comma-separated, from {','.join(PIPELINES)}; the first is the reference")
+                        help=f"comma-separated, from {','.join(PIPELINES)}; the first is the "
+                             "reference")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the sequence this many times, alternating its order")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -178,36 +185,43 @@ def main(argv=None) -> None:
           f"{info['torchvision']}, Python {info['python']}, threads "
           f"{args.threads or info['threads']}; {args.epochs} epochs of "
           f"{args.subset or TRAIN_EXAMPLES:,} examples", flush=True)
-    rows = []
+    runs = {name: [] for name in names}
     load = [os.getloadavg()[0]]
-    for name in names:
-        cmd = [sys.executable, __file__, "--run-one", name, "--epochs", str(args.epochs),
-               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
-               "--threads", str(args.threads)]
-        if args.subset:
-            cmd += ["--subset", str(args.subset)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{name} failed:\n{proc.stderr}")
-        result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-        rows.append(result)
-        load.append(os.getloadavg()[0])
-        print(f"  {name}: {result['wall_s']:.1f} s, test acc {result['test_acc']:.3f}", flush=True)
+    for r in range(args.rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            cmd = [sys.executable, __file__, "--run-one", name, "--epochs", str(args.epochs),
+                   "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                   "--seed", str(args.seed), "--threads", str(args.threads)]
+            if args.subset:
+                cmd += ["--subset", str(args.subset)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{name} failed:\n{proc.stderr}")
+            result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+            runs[name].append(result)
+            load.append(os.getloadavg()[0])
+            print(f"  {name}: {result['wall_s']:.1f} s, test acc {result['test_acc']:.3f}",
+                  flush=True)
+    # each pipeline's median round (by wall time)
+    rows = [sorted(runs[name], key=lambda r: r["wall_s"])[(len(runs[name]) - 1) // 2]
+            for name in names]
     ref = rows[0] if rows[0]["pipeline"] in ("d2l", "d2l-concise") else None
     md = table(rows, ref)
     print(md)
     notes = (f"{info['cpu']} ({info['cores']} cores), {rows[0]['device']}, torch {info['torch']}, "
              f"torchvision {info['torchvision']}, Python {info['python']}, "
              f"{rows[0]['threads']} torch threads, {info['date']}; {args.epochs} epochs of "
-             f"{args.subset or TRAIN_EXAMPLES:,} examples; 1-minute load average "
-             f"{' → '.join(f'{x:.1f}' for x in load)} (before, and after each pipeline).")
+             f"{args.subset or TRAIN_EXAMPLES:,} examples; "
+             f"{args.rounds} round{'s' if args.rounds > 1 else ''} (median round shown); "
+             f"1-minute load average {' → '.join(f'{x:.1f}' for x in load)} "
+             "(before, and after each pipeline).")
     print(notes)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "end_to_end" + ("" if not args.subset and args.epochs == 10 else "_quick")
     stem += "" if args.threads == 1 else f"_threads{args.threads or 'default'}"
     (args.out / f"{stem}.json").write_text(json.dumps(
         dict(machine=info, args={k: str(v) for k, v in vars(args).items()}, load_average=load,
-             results=rows), indent=2) + "\n")
+             results=rows, all_rounds=runs), indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(md + "\n\n" + notes + "\n")
 
 

@@ -31,7 +31,7 @@ from torch.utils import data
 from torchvision import transforms
 
 
-# --- d2l 0.17 §7.5: batch normalization from scratch ------------------------------------------------
+# --- d2l 0.17 §7.5: batch normalization from scratch ------------------------------------
 def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
     # Use `is_grad_enabled` to determine whether the current mode is training
     # mode or prediction mode
@@ -118,7 +118,7 @@ def lenet_bn_concise():
         nn.Linear(84, 10))
 
 
-# --- d2l/torch.py ------------------------------------------------------------------------------
+# --- d2l/torch.py --------------------------------------------------------------------------
 def get_dataloader_workers():
     """Use 4 processes to read the data."""
     return 4
@@ -137,7 +137,8 @@ def load_data_fashion_mnist(batch_size, resize=None, *, root="../data", subset=N
         root=root, train=False, transform=trans, download=False)
     if subset is not None:  # d2lite: the subset d2lite.load_fashion_mnist(subset=...) draws
         from d2lite.data import _balanced_subset
-        mnist_train = data.Subset(mnist_train, _balanced_subset(mnist_train.targets, subset, seed).tolist())
+        indices = _balanced_subset(mnist_train.targets, subset, seed).tolist()
+        mnist_train = data.Subset(mnist_train, indices)
     return (data.DataLoader(mnist_train, batch_size, shuffle=True,
                             num_workers=get_dataloader_workers()),
             data.DataLoader(mnist_test, batch_size, shuffle=False,
