@@ -5,6 +5,10 @@ side by side, on the CPU (and on CUDA when there is a GPU).
     .venv/bin/python benchmarks/bench_batch_norm.py --threads 0      # torch's default (2 here)
     .venv/bin/python benchmarks/bench_batch_norm.py --profile        # torch.profiler tables
 
+One thread by default: it measures the kernels' work. With two threads on a 2-core machine
+that others use too, every parallel region waits for a busy core, and the table measures the
+neighbours (``--threads 0`` for torch's default; bench_end_to_end.py says more).
+
 - ``d2l``: d2l's from-scratch ``batch_norm`` in plain autograd (benchmarks/d2l_reference.py), with
   gamma, beta and the moving statistics shaped (1, C, 1, 1) or (1, C) as its ``BatchNorm`` keeps
   them.
@@ -181,8 +185,7 @@ def profile(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads; 0: torch's default (bench_end_to_end.py "
-                             "says why one thread by default)")
+                        help="torch.set_num_threads (default 1; 0: torch's default)")
     parser.add_argument("--seconds", type=float, default=6.0,
                         help="time budget per shape and device (rounds are adapted to it)")
     parser.add_argument("--min-rounds", type=int, default=7)

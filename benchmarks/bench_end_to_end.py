@@ -15,12 +15,12 @@ with batch 256 after every epoch, ``torch.set_flush_denormal(True)``):
 - ``d2lite``: ``d2lite.load_fashion_mnist`` + ``d2lite.train`` with ``lenet(norm="d2lite")``.
 - ``d2lite-torch``: the same with ``lenet(norm="torch")`` (``nn.BatchNorm2d/1d``).
 
-Threads: one intra-op thread in every pipeline by default (``--threads 0`` keeps torch's
-default, 2 here). On a 2-core machine shared with other work, each of the ~100 parallel regions
-of a LeNet step waits for the thread that shares a core with someone else: a step measured 17x
-slower with 2 threads than with 1 while one other process kept one core busy. One thread
-measures the pipelines' work rather than the neighbours'; d2l's four DataLoader workers are
-separate processes and still run beside its training thread.
+Threads: torch's default (2 here) in every pipeline, the experiment as a reader runs it;
+``--threads 1`` when the machine is shared. On a 2-core machine where another process keeps a
+core busy, each of the ~100 parallel regions of a LeNet step waits for the thread that shares
+that core: a step measured 17x slower with 2 threads than with 1. One thread then measures the
+pipelines' work rather than the neighbours' (d2l's four DataLoader workers are processes of
+their own and still run beside its training thread).
 
 Each pipeline runs in its own fresh Python process, one after the other, so that none inherits
 another's caches and each one's peak memory is its own. With ``--rounds N`` the sequence runs N
@@ -158,8 +158,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads in every pipeline; 0: torch's default")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads in every pipeline (default 0: torch's default)")
     parser.add_argument("--pipelines", default=",".join(DEFAULT),
                         help=f"comma-separated, from {','.join(PIPELINES)}; the first is the "
                              "reference")
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
     print(notes)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "end_to_end" + ("" if not args.subset and args.epochs == 10 else "_quick")
-    stem += "" if args.threads == 1 else f"_threads{args.threads or 'default'}"
+    stem += f"_threads{args.threads}" if args.threads else ""
     (args.out / f"{stem}.json").write_text(json.dumps(
         dict(machine=info, args={k: str(v) for k, v in vars(args).items()}, load_average=load,
              results=rows, all_rounds=runs), indent=2) + "\n")

@@ -57,8 +57,8 @@ class _BatchNormTrain(torch.autograd.Function):
 
     Fast by doing little: no autograd graph; few operations, each over the whole tensor (on two
     threads each one over 32K elements is a parallel region, and on a busy machine every region
-    can wait for a core); reductions that need no temporary (row sums, row norms, batched dot
-    products); and outputs written into buffers that are already there.
+    can wait for a core); reductions without temporaries where there is one (row means, row
+    norms, and for large inputs batched dot products); outputs written into buffers already there.
     """
 
     @staticmethod
