@@ -1,4 +1,7 @@
 """d2lite.train: d2l's training loop, its History and its printout."""
+import os
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -71,3 +74,17 @@ def test_lenet_bn_on_real_data_beats_chance_by_far():
 def test_try_gpu_returns_a_usable_device():
     device = d2lite.try_gpu()
     assert torch.zeros(1, device=device).device.type == device.type
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+@pytest.mark.parametrize("setting,expected", [(None, "True"), ("0", "False")])
+def test_keep_freed_memory_applies_once_unless_switched_off(setting, expected):
+    """In a fresh process: it applies (and again returns True), unless the variable is "0"."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "D2LITE_KEEP_FREED_MEMORY"}
+    if setting is not None:
+        env["D2LITE_KEEP_FREED_MEMORY"] = setting
+    code = "from d2lite.train import keep_freed_memory as k; print(k(), k())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [expected, expected]
