@@ -30,6 +30,7 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_batch_norm.py
 	$(PY) benchmarks/bench_end_to_end.py
+	$(PY) benchmarks/profile_step.py
 
 lab: install
 	$(VENV)/bin/jupyter lab chapters/batch_norm
