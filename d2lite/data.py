@@ -154,10 +154,15 @@ def _load_split(root: Path, train: bool, size: tuple[int, int] | None) -> tuple[
     """Decoded split, shared between loaders (never modify in place): uint8 (N, 1, H, W), int64 (N,)."""
     if size is not None:
         images, labels = _load_split(root, train, None)
-        # Chunked to bound the resize kernel's temporary memory.
-        return torch.cat([TF.resize(c, list(size), antialias=True) for c in images.split(8192)]), labels
+        return _resize(images, size), labels
     ds = FashionMNIST(str(_locate(root)), train=train)
     return ds.data.unsqueeze(1), ds.targets
+
+
+def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """uint8 (N, 1, H, W) images resized one by one (bilinear, antialiased), in chunks of 8192 to
+    bound the kernel's temporary memory."""
+    return torch.cat([TF.resize(c, list(size), antialias=True) for c in images.split(8192)])
 
 
 def _balanced_subset(labels: Tensor, n: int, seed: int) -> Tensor:
@@ -289,10 +294,14 @@ def load_fashion_mnist(
     root_path = data_root(root)
     loaders = []
     for train, n, subset_seed in ((True, subset, seed), (False, test_subset, 0)):
-        images, labels = _load_split(root_path, train, size)
-        if n is not None:
+        if n is None:
+            images, labels = _load_split(root_path, train, size)
+        else:  # subset first: resizing only the examples kept
+            images, labels = _load_split(root_path, train, None)
             idx = _balanced_subset(labels, n, subset_seed)
             images, labels = images[idx], labels[idx]
+            if size is not None:
+                images = _resize(images, size)
         loaders.append(
             TensorLoader(
                 images, labels, batch_size, shuffle=shuffle and train, seed=seed, normalize=normalize, device=device

@@ -123,6 +123,17 @@ def test_resize_matches_torchvision(size):
         assert torch.equal(X, expected)
 
 
+def test_resized_subset_is_the_subset_of_the_resized_set():
+    """A subset is resized after it is drawn (only its images): the same images, to the bit."""
+    from d2lite.data import _balanced_subset
+    full, full_test = load_fashion_mnist(1000, resize=32, shuffle=False)
+    part, part_test = load_fashion_mnist(1000, resize=32, subset=300, test_subset=200, shuffle=False)
+    for whole, sub in ((full, part), (full_test, part_test)):
+        idx = _balanced_subset(whole.labels, sub.num_examples, 0)  # seed 0 draws both subsets here
+        assert torch.equal(sub.labels, whole.labels[idx])
+        assert torch.equal(sub.images, whole.images[idx]) and sub.images.shape[2:] == (32, 32)
+
+
 def test_normalize():
     _, plain = load_fashion_mnist(500)
     _, normed = load_fashion_mnist(500, normalize=(0.5, 0.5))
