@@ -226,7 +226,7 @@ def train(net: nn.Module, train_iter: Iterable, test_iter: Iterable, num_epochs:
     return history
 
 
-_KEPT = False
+_KEPT: bool | None = None  # None: not tried yet in this process
 
 
 def keep_freed_memory() -> bool:
@@ -236,22 +236,33 @@ def keep_freed_memory() -> bool:
     training step on the CPU pays page faults to get its activations' memory again: 1,800 faults
     and 4 ms of a 27 ms LeNet-BN step on this project's 2-core test machine. With this, memory
     freed by one step is reused by the next (the process keeps its peak size, which it reaches
-    anyway). Called by :func:`train` on the CPU; once per process; returns whether it applied
-    (False off Linux/glibc, or with ``D2LITE_KEEP_FREED_MEMORY=0``).
+    anyway). It is process-wide and cannot be undone. :func:`train` calls it on the CPU; it acts
+    once per process and returns whether it applied: False off 64-bit glibc, where the user tuned
+    malloc already (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``),
+    or with ``D2LITE_KEEP_FREED_MEMORY=0``.
     """
     global _KEPT
-    if _KEPT:
-        return True
+    if _KEPT is None:
+        _KEPT = _apply_mallopt()
+    return _KEPT
+
+
+def _apply_mallopt() -> bool:
     import os
-    if not sys.platform.startswith("linux") or os.environ.get("D2LITE_KEEP_FREED_MEMORY") == "0":
+    import platform
+    if (not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc"
+            or ctypes.sizeof(ctypes.c_void_p) != 8
+            or os.environ.get("D2LITE_KEEP_FREED_MEMORY", "").strip().lower() in ("0", "false", "no")
+            or any(v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                             "GLIBC_TUNABLES"))):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
+    except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    _KEPT = bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) & bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    return _KEPT
+    # the trim threshold first: if the second call failed, malloc would still behave as before
+    return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
 def _device_of(net: nn.Module) -> torch.device:

@@ -128,3 +128,116 @@ def test_avg_pool_falls_back_for_channels_last_and_3d_input():
 def test_avg_pool_is_an_nn_avg_pool2d():
     assert isinstance(AvgPool2d(2), nn.AvgPool2d)
     assert repr(AvgPool2d(2, 2)) == repr(nn.AvgPool2d(2, 2))
+
+
+def test_second_derivatives_through_both_fast_paths_match_the_torch_layers():
+    """A gradient penalty (create_graph=True) gives the torch layers' weight gradients."""
+    torch.manual_seed(0)
+    ours, reference = _pair_of_convs(1, 4, 3)
+    x = torch.randn(4, 1, 8, 8)
+    grads = []
+    for conv, pool in ((ours, AvgPool2d(2)), (reference, nn.AvgPool2d(2))):
+        xx = x.clone().requires_grad_()
+        out = torch.sigmoid(pool(conv(xx))).square().sum()
+        assert conv(xx).grad_fn.name() == ("_SingleChannelConv2dBackward" if conv is ours
+                                           else "ConvolutionBackward0")
+        g, = torch.autograd.grad(out, xx, create_graph=True)
+        conv.zero_grad()
+        (out + g.square().sum()).backward()
+        grads.append((conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for a, b in zip(*grads):
+        assert_matches(a, b, torch.float32)
+
+
+def test_gradgradcheck_of_both_functions_in_float64():
+    from d2lite.layers import _SingleChannelConv2d
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: _SingleChannelConv2d.apply(x, w, b, (1, 1), (0, 0), (1, 1)), (x, w, b))
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    assert AvgPool2d(2)(x).grad_fn.name() == "_WindowMeanBackward"
+    assert torch.autograd.gradgradcheck(AvgPool2d(2), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_avg_pool_leaves_half_precision_to_aten(dtype):
+    """ATen adds half-precision windows in float32 and rounds once: the fast path would not."""
+    x = torch.randn(8, 6, 24, 24).to(dtype).requires_grad_()
+    y = AvgPool2d(2)(x)
+    assert y.grad_fn.name() == "AvgPool2DBackward0"
+    assert torch.equal(y, F.avg_pool2d(x, 2))
+
+
+def test_lenet_layers_train_under_cpu_autocast_like_the_torch_layers():
+    torch.manual_seed(0)
+    ours, reference = _pair_of_convs(1, 6, 5)
+    x = torch.randn(16, 1, 28, 28)
+    results = []
+    for conv, pool in ((ours, AvgPool2d(2)), (reference, nn.AvgPool2d(2))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = pool(conv(x))
+        y.float().sum().backward()
+        results.append((y, conv.weight.grad))
+    assert results[0][0].dtype == torch.bfloat16
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.func scripts a helper on first use
+def test_functorch_transforms_and_forward_ad_work_as_with_the_torch_layers():
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, grad, vmap
+    torch.manual_seed(0)
+    ours, reference = _pair_of_convs(1, 3, 3)
+    x, t = torch.randn(5, 1, 8, 8), torch.randn(5, 1, 8, 8)
+
+    def per_example_grads(conv, pool):
+        params = {k: v.detach() for k, v in conv.named_parameters()}
+
+        def loss(p, xi):
+            return pool(functional_call(conv, p, (xi.unsqueeze(0),))).square().sum()
+        return vmap(grad(loss), in_dims=(None, 0))(params, x)
+
+    got = per_example_grads(ours, AvgPool2d(2))
+    want = per_example_grads(reference, nn.AvgPool2d(2))
+    for k in want:
+        assert torch.equal(got[k], want[k])
+    with fwAD.dual_level():
+        tangents = [fwAD.unpack_dual(pool(fwAD.make_dual(x, t))).tangent
+                    for pool in (AvgPool2d(2), nn.AvgPool2d(2))]
+    assert torch.equal(*tangents)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated in 2.14
+def test_script_and_trace_fall_back_to_the_torch_layers():
+    ours, reference = _pair_of_convs(1, 6, 5)
+    x = torch.randn(4, 1, 28, 28)
+    for layer, torch_layer in ((ours, reference), (AvgPool2d(2), nn.AvgPool2d(2))):
+        scripted = torch.jit.script(layer)
+        traced = torch.jit.trace(layer, (x if layer is ours else torch.randn(4, 6, 24, 24),))
+        inp = x if layer is ours else torch.randn(4, 6, 24, 24)
+        assert torch.equal(scripted(inp), torch_layer(inp))
+        assert torch.equal(traced(inp), torch_layer(inp))
+
+
+def test_avg_pool_kernel_sizes_as_torch_takes_them():
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(AvgPool2d((2,))(x), nn.AvgPool2d((2,))(x))
+    with pytest.raises(RuntimeError):
+        AvgPool2d(0)(x)
+
+
+def test_single_channel_channels_last_input_takes_the_fast_path():
+    """(N, 1, H, W) stored channels-last is the same memory as contiguous: same numbers."""
+    ours, reference = _pair_of_convs(1, 6, 5)
+    x = torch.randn(8, 1, 12, 12)
+    x_cl = x.as_strided(x.shape, (144, 1, 12, 1)).requires_grad_()
+    y = ours(x_cl)
+    assert y.grad_fn.name() == "_SingleChannelConv2dBackward"
+    g = torch.randn_like(y)
+    _, _, got = _grads(ours, x_cl, g)
+    _, _, want = _grads(reference, x.clone().requires_grad_(), g)
+    for a, b in zip(got, want):
+        assert_matches(a, b, torch.float32)
