@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -248,8 +250,6 @@ def keep_freed_memory() -> bool:
 
 
 def _apply_mallopt() -> bool:
-    import os
-    import platform
     if (not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc"
             or ctypes.sizeof(ctypes.c_void_p) != 8
             or os.environ.get("D2LITE_KEEP_FREED_MEMORY", "").strip().lower() in ("0", "false", "no")
@@ -261,7 +261,7 @@ def _apply_mallopt() -> bool:
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # the trim threshold first: if the second call failed, malloc would still behave as before
+    # False if either call is refused (the first may then have applied alone: no harm done)
     return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
