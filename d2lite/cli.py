@@ -1,4 +1,5 @@
-"""The ``d2lite`` command: ``d2lite compare`` trains LeNet with and without batch norm."""
+"""The ``d2lite`` command: ``d2lite compare`` trains LeNet with and without batch norm;
+``d2lite grade`` grades an nbgrader assignment's submissions in sandboxes."""
 from __future__ import annotations
 
 import argparse
@@ -96,9 +97,82 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--out", default="results", help="directory for compare.csv and compare.png")
     cmp.add_argument("--no-progress", dest="progress", action="store_false",
                      help="hide the progress bar")
+    grd = commands.add_parser(
+        "grade", help="grade submissions of an nbgrader assignment, safely",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=GRADE_HELP)
+    grd.add_argument("assignment", help="the assignment, e.g. batch_norm")
+    grd.add_argument("--student", action="append", default=[], metavar="ID",
+                     help="grade only this student (repeatable; default: everyone in submitted/)")
+    grd.add_argument("--course", default=".", help="the nbgrader course directory (default: here)")
+    grd.add_argument("--memory", type=_size, default="4G", help="memory cap per notebook (default 4G)")
+    grd.add_argument("--timeout", type=_positive_int, default=300,
+                     help="wall-clock seconds per notebook (default 300)")
+    grd.add_argument("--cpu", type=_positive_int, default=600, help="CPU seconds per process (default 600)")
+    grd.add_argument("--processes", type=_positive_int, default=64,
+                     help="processes and threads per notebook (default 64)")
+    grd.add_argument("--output", type=_size, default="8M",
+                     help="stdout+stderr per notebook before it is stopped (default 8M)")
+    grd.add_argument("--report", default=None, help="CSV report path (default reports/ASSIGNMENT.csv)")
+    grd.add_argument("--refresh-reference", action="store_true",
+                     help="recompute the reference solution's records even if cached")
     args = parser.parse_args(argv)
+    if args.command == "grade":
+        from .grading.runner import grade
+        from .grading.sandbox import Limits, SandboxUnavailable
+
+        limits = Limits(memory=args.memory, wall=float(args.timeout), cpu=args.cpu,
+                        processes=args.processes, output=args.output)
+        try:
+            grade(Path(args.course), args.assignment, args.student or None, limits,
+                  args.refresh_reference, Path(args.report) if args.report else None)
+        except SandboxUnavailable as error:
+            raise SystemExit(f"d2lite grade: {error}") from None
+        return 0
     compare(args)
     return 0
+
+
+GRADE_HELP = """\
+Grade every submitted notebook under submitted/<student>/ASSIGNMENT/ of the nbgrader course in
+--course: scores go to nbgrader's gradebook (the tables `nbgrader autograde` fills, so Formgrader,
+manual grading, generate_feedback and export work as before), autograded notebooks to autograded/,
+and a report (table and CSV: score, seconds, peak memory and the reason for anything zeroed or
+flagged) to reports/ASSIGNMENT.csv.
+
+How a grade is taken:
+  * each notebook is rebuilt from the instructor's copy (test cells, points, grade ids, cell types,
+    kernelspec from the gradebook and source/); only the answers are the student's;
+  * it runs in its own sandbox; every test cell runs as a probe that records the values it checks;
+  * the grader compares those values with the reference solution's (run once, cached in
+    .d2lite/reference/) outside the sandbox, and checks the student's source (no patching of
+    libraries, no introspection, no library batch norm where a test says "does the work itself").
+
+The sandbox (bubblewrap + cgroup v1) needs: root, `bwrap`, `setpriv`, mount/PID/network/IPC/UTS
+namespaces, the cgroup v1 memory and pids controllers, and the user `nobody`. Without any of them
+the command refuses to run rather than grade unprotected. Each notebook runs as `nobody`, without
+capabilities or network, seeing only /usr, Python, d2lite, the data set (read-only) and a private
+home with the submission's own files; caps: memory, wall clock, CPU time, processes, output.
+
+What a student can still do: anything the policy does not see (e.g. attributes reached through a
+name computed at run time), waste their own notebook's time and memory up to the caps, and read
+what is world-readable among the mounted paths (Python, torch, d2lite, the data set).
+"""
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = str(text).strip().upper().removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4G or 512M, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(value)
 
 
 def _positive_int(text: str) -> int:

@@ -1,0 +1,170 @@
+"""Checks of the student's own source, taken outside the sandbox: no reaching into the machinery,
+and no library normalization where a structural test says "does the work itself".
+
+The base is RestrictedPython's policy (Zope's, maintained for two decades): no names or attributes
+beginning with an underscore, no exec/eval. On top: no getattr/setattr/vars/globals/compile/
+__import__/get_ipython, no imports of introspection or code-loading modules, no attribute writes on
+imported modules (``d2lite.assert_close = ...``), and no ``torch.ops``/``torch.library``.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+
+__all__ = ["Flag", "check_cell", "structure_names"]
+
+# getattr/setattr/delattr/hasattr are allowed on objects (a network's layers by name), not on modules
+# and not with a literal name beginning with an underscore
+ATTRIBUTE_FUNCTIONS = {"getattr", "setattr", "delattr", "hasattr"}
+# dunders ordinary code needs (super().__init__(), type(x).__name__); __globals__, __code__,
+# __dict__, __subclasses__, __builtins__ ... stay forbidden
+ALLOWED_DUNDERS = {"__init__", "__name__", "__qualname__", "__doc__", "__class__"}
+FORBIDDEN_CALLS = {"vars", "globals", "locals", "exec", "eval", "compile",
+                   "__import__", "get_ipython", "breakpoint", "memoryview"}
+FORBIDDEN_MODULES = {"importlib", "ctypes", "gc", "inspect", "sys", "builtins", "IPython", "types", "marshal",
+                     "pickle", "dill", "cloudpickle", "copyreg", "code", "codeop", "runpy", "pkgutil",
+                     "imp", "zipimport", "threading", "_thread", "signal", "atexit", "traceback", "ipykernel",
+                     "d2lite.grading", "torch.ops", "torch.library", "torch.overrides", "torch.utils",
+                     "torch._C", "torch._dynamo"}
+FORBIDDEN_ATTRIBUTES = {"ops", "library", "overrides", "f_globals", "f_locals", "f_back", "gi_frame"}
+MODULE_NAMES = {"torch", "nn", "F", "d2lite", "np", "numpy", "plt", "matplotlib", "math", "os", "random",
+                "functools", "itertools", "copy", "collections", "torchvision", "tqdm", "nbformat"}
+_KEYWORDS = ("batch_norm", "instance_norm", "layer_norm", "group_norm")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One finding: ``kind`` is "machinery" (loses the notebook's autograded points) or "structure"
+    (loses the points of the notebook's does-the-work-itself tests)."""
+
+    kind: str
+    cell: str
+    line: int
+    code: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.cell}, line {self.line}: `{self.code}` — {self.why}"
+
+
+def structure_names(dotted: list[str]) -> set[str]:
+    """The attribute/function names a does-the-work-itself test forbids (``F.batch_norm`` ->
+    ``batch_norm``), widened to the ATen spellings of the same op (``native_batch_norm``)."""
+    names = set()
+    for name in dotted:
+        last = name.rpartition(".")[2]
+        if any(k in last for k in _KEYWORDS):
+            names.add(last)
+            names.add("native_" + last)
+    return names
+
+
+def _imported_names(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                names.add((alias.asname or alias.name).split(".")[0])
+    return names
+
+
+def _root(node: ast.AST) -> ast.AST:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.value if not isinstance(node, ast.Call) else node.func
+    return node
+
+
+def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
+               structure: set[str] = frozenset()) -> list[Flag]:
+    """Findings in one student-written code cell (its text as submitted)."""
+    from RestrictedPython import compile_restricted_exec
+
+    lines = source.splitlines()
+
+    def quote(lineno: int | None) -> str:
+        if lineno and 0 < lineno <= len(lines):
+            return lines[lineno - 1].strip()[:160]
+        return ""
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []  # it fails when it runs: the tests that need it fail with the SyntaxError
+    flags: list[Flag] = []
+    for error in compile_restricted_exec(source).errors:
+        match = re.match(r"Line (\d+): (.*)", error)
+        lineno, why = (int(match.group(1)), match.group(2)) if match else (None, error)
+        if "invalid variable name because it starts with \"_\"" in why and '"__' not in why:
+            continue  # a private helper name (_helper) is harmless; dunders are not
+        name = re.match(r'"([^"]+)" is an invalid attribute name', why)
+        if name and (name.group(1) in ALLOWED_DUNDERS or re.fullmatch(r"_[A-Z]\w*", name.group(1))):
+            continue  # super().__init__(), nn.modules.batchnorm._BatchNorm (a private class, read only)
+        if "TryStar" in why:
+            continue
+        flags.append(Flag("machinery", cell, lineno or 0, quote(lineno), f"not allowed in graded code: {why}"))
+    modules = MODULE_NAMES | set(module_names) | _imported_names(tree)
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ATTRIBUTE_FUNCTIONS:
+            target = node.args[0] if node.args else None
+            attr = node.args[1] if len(node.args) > 1 else None
+            if target is None or (isinstance(_root(target), ast.Name) and _root(target).id in modules) \
+                    or not isinstance(attr, (ast.Name, ast.Constant)) \
+                    or (isinstance(attr, ast.Constant) and str(attr.value).startswith("_")):
+                flags.append(Flag("machinery", cell, line, quote(line),
+                                  f"{node.func.id}() on a module, or with a computed or private name, can "
+                                  "reach into the grader's machinery"))
+            elif isinstance(attr, ast.Constant) and str(attr.value) in structure:
+                flags.append(Flag("structure", cell, line, quote(line),
+                                  f"reaches the library's {attr.value} instead of doing the work itself"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FORBIDDEN_CALLS:
+            flags.append(Flag("machinery", cell, line, quote(line),
+                              f"calls {node.func.id}(), which can reach into the grader's machinery"))
+        elif isinstance(node, ast.Name) and node.id in FORBIDDEN_CALLS | ATTRIBUTE_FUNCTIONS \
+                and isinstance(node.ctx, ast.Load) \
+                and not any(isinstance(p, ast.Call) and p.func is node for p in ast.walk(tree)):
+            flags.append(Flag("machinery", cell, line, quote(line), f"uses {node.id}, which can reach into the "
+                              "grader's machinery"))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if isinstance(node, ast.ImportFrom):
+                mods += [f"{node.module}.{a.name}" for a in node.names]
+            for mod in mods:
+                if any(mod == m or mod.startswith(m + ".") for m in FORBIDDEN_MODULES):
+                    flags.append(Flag("machinery", cell, line, quote(line), f"imports {mod}, which graded "
+                                      "code may not use"))
+                    break
+            for alias in node.names:
+                if alias.name.rpartition(".")[2] in structure:
+                    flags.append(Flag("structure", cell, line, quote(line),
+                                      f"imports the library's {alias.name} instead of doing the work itself"))
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            for target in targets:
+                for t in (target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]):
+                    root = _root(t)
+                    if isinstance(t, (ast.Attribute, ast.Subscript)) and isinstance(root, ast.Name) \
+                            and root.id in modules:
+                        flags.append(Flag("machinery", cell, line, quote(line),
+                                          f"changes the imported module {root.id}; graded code may not "
+                                          "patch libraries"))
+        elif isinstance(node, ast.Attribute):
+            if node.attr in FORBIDDEN_ATTRIBUTES and isinstance(_root(node), ast.Name) \
+                    and _root(node).id in modules | {"torch"}:
+                flags.append(Flag("machinery", cell, line, quote(line),
+                                  f"uses .{node.attr}, which graded code may not use"))
+            if node.attr in structure:
+                flags.append(Flag("structure", cell, line, quote(line),
+                                  f"calls the library's {node.attr} instead of doing the work itself"))
+        elif isinstance(node, ast.Name) and node.id in structure and isinstance(node.ctx, ast.Load) \
+                and node.id in _imported_names(tree):
+            flags.append(Flag("structure", cell, line, quote(line),
+                              f"uses the library's {node.id} instead of doing the work itself"))
+    unique, seen = [], set()
+    for flag in flags:
+        key = (flag.kind, flag.line, flag.why)
+        if key not in seen:
+            seen.add(key)
+            unique.append(flag)
+    return unique
