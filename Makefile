@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/bench_batch_norm.py
 	$(PY) benchmarks/bench_end_to_end.py
 	$(PY) benchmarks/profile_step.py
+	$(PY) benchmarks/bench_grading.py
 
 lab: install
 	$(VENV)/bin/jupyter lab chapters/batch_norm

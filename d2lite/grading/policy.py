@@ -52,11 +52,15 @@ def structure_names(dotted: list[str]) -> set[str]:
     """The attribute/function names a does-the-work-itself test forbids (``F.batch_norm`` ->
     ``batch_norm``), widened to the ATen spellings of the same op (``native_batch_norm``)."""
     names = set()
+    classes = {"batch_norm": ("BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d",
+                              "LazyBatchNorm2d", "LazyBatchNorm3d", "SyncBatchNorm", "convert_batchnorm"),
+               "instance_norm": ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"),
+               "layer_norm": ("LayerNorm",), "group_norm": ("GroupNorm",)}
     for name in dotted:
         last = name.rpartition(".")[2]
-        if any(k in last for k in _KEYWORDS):
-            names.add(last)
-            names.add("native_" + last)
+        for key in _KEYWORDS:
+            if key in last:
+                names |= {last, "native_" + last, *classes[key]}
     return names
 
 

@@ -258,7 +258,7 @@ def grade_notebook(course: Course, assignment: str, student: str, notebook: str,
                 verdicts[i] = Verdict(False, f"0 points: {library[0]}", "library")
             else:
                 verdicts[i] = judge_cell(events.get(i), reference[gid], structure)
-        reasons += [f"flagged: {f}" for f in machinery[:3]] + [f"flagged: {f}" for f in library[:3]]
+        reasons += [f"flagged ({f.kind}): {f}" for f in machinery[:3] + library[:3]]
         if outcome.killed:
             reasons.append({"timeout": f"stopped after {limits.wall:g} s (wall-clock cap)",
                             "memory": f"stopped at the memory cap ({limits.memory / 2**30:g} GiB)",
@@ -286,11 +286,16 @@ def grade_notebook(course: Course, assignment: str, student: str, notebook: str,
 
 def grade(root: Path, assignment: str, students: list[str] | None = None,
           limits: sandbox.Limits = sandbox.Limits(), refresh_reference: bool = False,
-          report: Path | None = None, echo=print) -> list[Row]:
-    """Grade every (or the named) student's submission of ``assignment``; return the report's rows."""
+          report: Path | None = None, echo=print, notebooks: list[str] | None = None) -> list[Row]:
+    """Grade every (or the named) student's submission of ``assignment`` (every notebook, or the
+    named ones); return the report's rows."""
     sandbox.check_features()
     course = Course(root)
-    notebooks = gradebook.notebook_names(course.db_url, assignment)
+    known_notebooks = gradebook.notebook_names(course.db_url, assignment)
+    unknown = [n for n in (notebooks or []) if n not in known_notebooks]
+    if unknown:
+        raise SystemExit(f"{assignment!r} has no notebook {', '.join(unknown)}; it has {', '.join(known_notebooks)}")
+    notebooks = notebooks or known_notebooks
     known = course.students(assignment)
     if students:
         unknown = [s for s in students if s not in known]
