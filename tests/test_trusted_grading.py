@@ -1,0 +1,366 @@
+"""`d2lite grade` against hostile and honest submissions: each kind of submission gets the exact
+score it must get and none of the side effects it tries. One batch grades them all (notebook
+00_from_scratch, 14 autograded points), which is itself the test that a mixed batch completes."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import uuid
+
+import nbformat
+import pytest
+import torch
+from nbgrader.api import Gradebook
+from nbgrader.apps import NbGraderAPI
+
+from notebook_utils import ASSIGNMENT, NOTEBOOKS, ROOT, SOLUTIONS, nbgrader_config, nbgrader_env, nbgrader_meta, read
+from test_grading import MISTAKES, _implementation
+
+from d2lite.grading import sandbox
+from d2lite.grading.judge import cell_events, judge_cell
+from d2lite.grading.probes import Probe, decode, encode, instrument, read_records
+from d2lite.grading.runner import grade
+
+try:
+    sandbox.check_features()
+    MISSING = None
+except sandbox.SandboxUnavailable as error:
+    MISSING = str(error)
+needs_sandbox = pytest.mark.skipif(MISSING is not None, reason=f"sandbox unavailable: {MISSING}")
+
+NB = "00_from_scratch"
+FULL = 14
+POINTS = {"test_train_2d": 2, "test_train_4d": 2, "test_eps": 1, "test_momentum": 1, "test_running_var": 2,
+          "test_eval": 2, "test_structure": 1, "test_no_graph": 1, "test_gamma_beta_grads": 2}
+CORRECT = _implementation()
+EPS_FORGOTTEN = MISTAKES["eps_forgotten"][0]          # loses test_eps only: 13 of 14
+MARK = uuid.uuid4().hex[:10]                          # names this run's side effects
+LIMITS = sandbox.Limits(memory=3 << 30, wall=30, cpu=120, processes=64, output=4 << 20)
+
+
+def _solution(nb, source):
+    for cell in nb.cells:
+        if nbgrader_meta(cell).get("grade_id") == "batch_norm_impl":
+            cell.source = source
+            return nb
+    raise AssertionError("no batch_norm_impl cell")
+
+
+def _cell(nb, grade_id):
+    return next(c for c in nb.cells if nbgrader_meta(c).get("grade_id") == grade_id)
+
+
+def _with(source, prefix="", suffix=""):
+    """The reference notebook with ``source`` as batch_norm_impl (plus lines before/after)."""
+    return _solution(read(SOLUTIONS / f"{NB}.ipynb"), prefix + source + suffix)
+
+
+def _tampered_test_cell(nb):
+    _cell(nb, "test_eps").source = "pass  # the student's own version of the test"
+    return nb
+
+
+def _deleted_test_cell(nb):
+    nb.cells = [c for c in nb.cells if nbgrader_meta(c).get("grade_id") != "test_eps"]
+    return nb
+
+
+def _retyped_test_cell(nb):
+    cell = _cell(nb, "test_eps")
+    index = nb.cells.index(cell)
+    new = nbformat.v4.new_markdown_cell(cell.source)
+    new.metadata = cell.metadata
+    nb.cells[index] = new
+    return nb
+
+
+def _duplicated_test_cell(nb):
+    cell = _cell(nb, "test_eps")
+    nb.cells.insert(nb.cells.index(cell), nbformat.from_dict(json.loads(json.dumps(cell))))
+    return nb
+
+
+def _inflated_points(nb):
+    for cell in nb.cells:
+        if nbgrader_meta(cell).get("grade"):
+            cell.metadata["nbgrader"]["points"] = 100
+    return nb
+
+
+def _honest_quirks(nb):
+    nb = _solution(nb, CORRECT.replace(
+        "    shape = ", "    import warnings\n    warnings.warn('just a warning')\n    print('computing')\n"
+                        "    os.write(2, b'to stderr\\n')\n    shape = ", 1))
+    nb.cells.insert(1, nbformat.v4.new_code_cell("import os\nprint('my own extra cell')"))
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.execution_count = 7
+            cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="old output\n"),
+                            nbformat.v4.new_output("error", ename="X", evalue="old", traceback=[])]
+    nb.metadata["kernelspec"] = {"name": "my-env", "display_name": "My env", "language": "python"}
+    return nb
+
+
+# student -> (how the submission is made, the exact score, words the report's reason must contain)
+CASES = {
+    "honest": (lambda: _with(CORRECT), FULL, ""),
+    "patch_d2lite_assert_close": (lambda: _with(EPS_FORGOTTEN, "d2lite.assert_close = lambda *a, **k: None\n"), 0, "machinery"),
+    "patch_torch_testing": (lambda: _with(EPS_FORGOTTEN, "torch.testing.assert_close = lambda *a, **k: None\n"), 0, "patch"),
+    "patch_F_batch_norm": (lambda: _with(EPS_FORGOTTEN, "F.batch_norm = lambda X, *a, **k: X\n"), 0, "patch"),
+    "replace_code_object": (lambda: _with(EPS_FORGOTTEN, "d2lite.checks.assert_close.__code__ = (lambda *a, **k: None).__code__\n"), 0, "__code__"),
+    "input_transformer": (lambda: _with(EPS_FORGOTTEN, "get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'])\n"), 0, "get_ipython"),
+    "exception_hook": (lambda: _with(EPS_FORGOTTEN, "get_ipython().set_custom_exc((Exception,), lambda *a, **k: None)\n"), 0, "get_ipython"),
+    "sys_excepthook": (lambda: _with(EPS_FORGOTTEN, "import sys\nsys.excepthook = lambda *a: None\n"), 0, "sys"),
+    "probe_tampering": (lambda: _with(EPS_FORGOTTEN, "__d2lite_probe__.check = lambda site, test: True\n"), 0, "__d2lite_probe__"),
+    "builtins_patch": (lambda: _with(EPS_FORGOTTEN, "import builtins\nbuiltins.bool = lambda x: True\n"), 0, "builtins"),
+    "getattr_reach": (lambda: _with(EPS_FORGOTTEN, "getattr(d2lite, 'assert_close')\n"), 0, "getattr"),
+    "library_in_default_argument": (lambda: _with(
+        "def batch_norm(X, gamma, beta, moving_mean, moving_var, eps=1e-5, momentum=0.1, training=True, impl=F.batch_norm):\n"
+        "    mm, mv = moving_mean.clone(), moving_var.clone()\n"
+        "    Y = impl(X, mm, mv, gamma, beta, training=training, momentum=momentum, eps=eps)\n"
+        "    return Y, mm, mv\n"), FULL - 3, "library"),
+    "library_via_torch_ops": (lambda: _with(
+        "def batch_norm(X, gamma, beta, moving_mean, moving_var, eps=1e-5, momentum=0.1, training=True):\n"
+        "    return torch.ops.aten.native_batch_norm(X, gamma, beta, moving_mean, moving_var, training, momentum, eps)\n"), 0, ".ops"),
+    "library_module": (lambda: _with(
+        "def batch_norm(X, gamma, beta, moving_mean, moving_var, eps=1e-5, momentum=0.1, training=True):\n"
+        "    bn = nn.BatchNorm1d(X.shape[1], eps=eps, momentum=momentum).double()\n"
+        "    return bn(X), bn.running_mean, bn.running_var\n"), None, "library"),
+    "tampered_test_cell": (lambda: _tampered_test_cell(_with(EPS_FORGOTTEN)), FULL - 1, "test_eps"),
+    "deleted_test_cell": (lambda: _deleted_test_cell(_with(EPS_FORGOTTEN)), FULL - 1, "put back"),
+    "retyped_test_cell": (lambda: _retyped_test_cell(_with(EPS_FORGOTTEN)), FULL - 1, "test_eps"),
+    "duplicated_test_cell": (lambda: _duplicated_test_cell(_with(CORRECT)), FULL, "ordinary cell"),
+    "inflated_points": (lambda: _inflated_points(_with(CORRECT)), FULL, ""),
+    "symlink_to_source": ("symlink", 0, "symbolic link"),
+    "corrupt_json": (b'{"cells": [', 0, "not valid JSON"),
+    "not_a_notebook": (b"\x89PNG\r\n\x1a\n\x00\x00", 0, "not valid JSON"),
+    "json_not_a_notebook": (b'[1, 2, 3]', 0, "not a notebook"),
+    "os_exit": (lambda: _with(CORRECT, "import os\nos._exit(0)\n"), 0, "_exit"),
+    "crash_by_kill": (lambda: _with(CORRECT, "import os, signal\nos.kill(os.getpid(), 9)\n"), 0, "stopped early"),
+    "infinite_loop": (lambda: _with(CORRECT, "while True:\n    pass\n"), 0, "wall-clock"),
+    "memory_bomb": (lambda: _with(CORRECT, "hog = []\nwhile True:\n    hog.append(torch.ones(64 << 20, dtype=torch.uint8))\n"), 0, "memory cap"),
+    "orphan_processes": (lambda: _with(CORRECT, f"import subprocess\nfor i in range(3):\n    subprocess.Popen(['setsid', 'sleep', '{314159 + 1}{MARK[:0]}'])\n"), FULL, ""),
+    "network": ("network", FULL, ""),
+    "read_course_files": ("read", FULL, ""),
+    "write_outside": ("write", FULL, ""),
+    "print_60mb": (lambda: _with(CORRECT, "print('x' * 60_000_000)\n"), FULL, ""),
+    "raw_output_60mb": (lambda: _with(CORRECT, "import os\nfor _ in range(60):\n    os.write(1, b'x' * 1_000_000)\n"), 0, "output"),
+    "shadow_module": ("shadow", FULL - 1, "test_eps"),
+    "honest_quirks": (lambda: _honest_quirks(read(SOLUTIONS / f"{NB}.ipynb")), FULL, ""),
+}
+for _name, (_source, _target, _word) in MISTAKES.items():
+    CASES[f"mistake_{_name}"] = ((lambda s=_source: _with(s)), FULL - POINTS[_target], _target)
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    if MISSING:
+        pytest.skip(f"sandbox unavailable: {MISSING}")
+    root = tmp_path_factory.mktemp("course")
+    shutil.copytree(SOLUTIONS, root / "solutions" / ASSIGNMENT)
+    shutil.copy(ROOT / "nbgrader_config.py", root)
+    config = nbgrader_config(root=str(root))
+    config.Exchange.root = str(tmp_path_factory.mktemp("exchange"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PATH", nbgrader_env()["PATH"])
+    result = NbGraderAPI(config=config).generate_assignment(ASSIGNMENT)
+    assert result["success"], result["error"]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.settimeout(0.2)
+    port, connections, stop = listener.getsockname()[1], [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                connections.append(listener.accept())
+            except OSError:
+                pass
+    threading.Thread(target=accept, daemon=True).start()
+    outside = tmp_path_factory.mktemp("outside")
+    secrets = {"solution": str(root / "solutions" / ASSIGNMENT / f"{NB}.ipynb"), "gradebook": str(root / "gradebook.db")}
+    for student, (make, _, _) in CASES.items():
+        folder = root / "submitted" / student / ASSIGNMENT
+        folder.mkdir(parents=True)
+        path = folder / f"{NB}.ipynb"
+        if make == "symlink":
+            os.symlink(root / "solutions" / ASSIGNMENT / f"{NB}.ipynb", path)
+        elif isinstance(make, bytes):
+            path.write_bytes(make)
+        else:
+            if make == "network":
+                nb = _with(CORRECT, "import socket\ntry:\n    socket.create_connection(('127.0.0.1', "
+                                    f"{port}), timeout=2)\n    print('CONNECTED')\nexcept OSError as e:\n    print('no network:', e)\n")
+            elif make == "read":
+                nb = _with(CORRECT, "".join(f"try:\n    print(open({p!r}, 'rb').read()[:100000])\nexcept OSError as e:\n"
+                                            f"    print('cannot read', e)\n" for p in secrets.values()))
+            elif make == "write":
+                nb = _with(CORRECT, "".join(f"try:\n    open({p!r}, 'w').write('pwned')\nexcept OSError as e:\n    print(e)\n"
+                                            for p in (str(root / f"pwned-{MARK}"), str(outside / "pwned"),
+                                                      f"/tmp/pwned-{MARK}", str(root / "gradebook.db"))))
+            elif make == "shadow":
+                (folder / "d2lite.py").write_text("def assert_close(*a, **k):\n    pass\n")
+                nb = _with(EPS_FORGOTTEN, "import d2lite\n")
+            else:
+                nb = make()
+            nbformat.write(nb, str(path))
+    gradebook_before = (root / "gradebook.db").stat().st_size
+    rows = grade(root, ASSIGNMENT, limits=LIMITS, notebooks=[NB], echo=lambda *a: None)
+    stop.set()
+    listener.close()
+    mp.undo()
+    yield {"root": root, "rows": {r.student: r for r in rows}, "connections": connections,
+           "outside": outside, "gradebook_before": gradebook_before}
+
+
+def _gradebook_scores(root, student):
+    with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
+        nb = gb.find_submission_notebook(NB, ASSIGNMENT, student)
+        return {g.name: g.auto_score for g in nb.grades if g.auto_score is not None and g.cell.cell_type == "code"}
+
+
+@pytest.mark.parametrize("student", [s for s in CASES if CASES[s][1] is not None])
+def test_each_kind_of_submission_gets_its_exact_score(graded, student):
+    row = graded["rows"][student]
+    _, expected, word = CASES[student]
+    assert row.max_score == FULL, f"{student}: max score {row.max_score}, expected {FULL} (points from the gradebook)"
+    assert row.score == expected, f"{student}: got {row.score}/{FULL}, expected {expected}; reasons: {row.reason}"
+    assert word in row.reason, f"{student}: the report should say {word!r}, says: {row.reason!r}"
+    scores = _gradebook_scores(graded["root"], student)
+    assert sum(scores.values()) == expected, f"{student}: the gradebook says {scores}"
+
+
+def test_library_module_inside_batch_norm_loses_the_structure_points(graded):
+    row = graded["rows"]["library_module"]
+    assert row.score <= FULL - 3 and "library" in row.reason, row.reason
+
+
+def test_every_submission_of_the_mixed_batch_is_graded_once(graded):
+    assert set(graded["rows"]) == set(CASES)
+    with Gradebook(f"sqlite:///{graded['root'] / 'gradebook.db'}") as gb:
+        submitted = {s.student.id for s in gb.find_assignment(ASSIGNMENT).submissions}
+    assert submitted == set(CASES)
+    for student in CASES:
+        assert (graded["root"] / "autograded" / student / ASSIGNMENT / f"{NB}.ipynb").is_file(), student
+
+
+def test_hostile_side_effects_did_not_happen(graded):
+    root = graded["root"]
+    assert graded["connections"] == [], "a sandbox reached a listener on the host's loopback"
+    assert not (root / f"pwned-{MARK}").exists() and not (graded["outside"] / "pwned").exists()
+    assert not os.path.exists(f"/tmp/pwned-{MARK}")
+    assert (root / "gradebook.db").stat().st_size >= graded["gradebook_before"]
+    with open(root / "gradebook.db", "rb") as fh:
+        assert b"pwned" not in fh.read()
+    leftover = subprocess.run(["pgrep", "-f", "sleep 314160"], capture_output=True, text=True).stdout.split()
+    assert leftover == [], f"processes a submission started are still running: {leftover}"
+    graded_nb = (root / "autograded" / "read_course_files" / ASSIGNMENT / f"{NB}.ipynb").read_text()
+    # both reads failed (the course directory is not in the sandbox); nothing of either file came out
+    assert graded_nb.count("cannot read") == 2 and "SQLite format" not in graded_nb and "b'{" not in graded_nb
+    network_nb = (root / "autograded" / "network" / ASSIGNMENT / f"{NB}.ipynb").read_text()
+    assert "CONNECTED" not in network_nb and "no network" in network_nb
+
+
+def test_caps_hold_while_running(graded):
+    rows = graded["rows"]
+    assert rows["infinite_loop"].seconds < LIMITS.wall + 15
+    assert rows["memory_bomb"].peak_mib <= LIMITS.memory / 2**20 + 1
+    for student in ("print_60mb", "raw_output_60mb"):
+        size = (graded["root"] / "autograded" / student / ASSIGNMENT / f"{NB}.ipynb").stat().st_size
+        assert size < 2 << 20, f"{student}: the autograded notebook is {size} bytes"
+
+
+def test_regrading_is_idempotent(graded):
+    root = graded["root"]
+    before = _gradebook_scores(root, "mistake_eps_forgotten")
+    rows = grade(root, ASSIGNMENT, students=["mistake_eps_forgotten"], limits=LIMITS, notebooks=[NB],
+                 echo=lambda *a: None)
+    assert [r.score for r in rows] == [FULL - 1]
+    assert _gradebook_scores(root, "mistake_eps_forgotten") == before
+    with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
+        assert len([s for s in gb.find_assignment(ASSIGNMENT).submissions
+                    if s.student.id == "mistake_eps_forgotten"]) == 1
+
+
+def test_feedback_shows_the_teaching_message_and_no_solution(graded):
+    root = graded["root"]
+    config = nbgrader_config(root=str(root))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PATH", nbgrader_env()["PATH"])
+    result = NbGraderAPI(config=config).generate_feedback(ASSIGNMENT, "mistake_eps_forgotten")
+    mp.undo()
+    assert result["success"], result["error"]
+    page = (root / "feedback" / "mistake_eps_forgotten" / ASSIGNMENT / f"{NB}.html").read_text()
+    assert "eps" in page and "Hint" in page
+    assert "new_var = (1 - momentum) * moving_var + momentum * var * m / (m - 1)" not in page
+
+
+# --- the probes and the judge, without a sandbox ---------------------------------------------------
+
+def test_records_carry_data_only_and_round_trip_exactly():
+    for t in (torch.randn(3, 4, dtype=torch.float64), torch.tensor(2.5), torch.zeros(0, 2), torch.arange(5)):
+        back = decode(json.loads(json.dumps(encode(t))))
+        assert back.dtype == t.dtype and torch.equal(back, t)
+    with pytest.raises(ValueError):
+        decode({"tensor": {"dtype": "float64", "shape": [4], "data": "AAAA"}})
+    assert list(read_records(b'{"t": "done"}\nnot json\n{"t": "x"}')) == [{"t": "done"}, {"t": "corrupt"}]
+
+
+def test_the_dispatch_trace_catches_library_batch_norm_the_source_check_cannot_see():
+    records = []
+    probe = Probe(records.append, {})
+    code = instrument("with d2lite.forbid_calls():\n    y = f(X)\n")
+    X = torch.randn(4, 3, dtype=torch.float64)
+    records.append({"t": "cell_start", "index": 0})
+    exec(code, {"__d2lite_probe__": probe, "d2lite": None, "X": X,
+                "f": lambda X: torch.ops.aten.native_batch_norm(X, None, None, None, None, True, 0.1, 1e-5)})
+    records.append({"t": "cell_end", "index": 0, "ok": True})
+    events = cell_events(records)
+    verdict = judge_cell(events[0], {"records": [], "end": {"ok": True}}, {"batch_norm", "native_batch_norm"})
+    assert not verdict.passed and "native_batch_norm" in verdict.message
+
+
+def test_a_wrong_value_fails_with_the_teaching_message_of_the_reference():
+    ref = {"records": [{"t": "close", "site": "1:0", "actual": encode(torch.ones(3)), "expected": encode(torch.ones(3)),
+                        "what": "Y", "rtol": 1e-4, "atol": 1e-4, "hint": "divide by N"}], "end": {"ok": True}}
+    student = {"records": [{"t": "close", "site": "1:0", "actual": encode(torch.zeros(3)), "expected": encode(torch.zeros(3)),
+                            "what": "forged", "rtol": 1e9, "atol": 1e9, "hint": None}], "end": {"ok": True}}
+    verdict = judge_cell(student, ref, set())
+    assert not verdict.passed and verdict.message.startswith("Y: expected") and "Hint: divide by N" in verdict.message
+    skipped = judge_cell({"records": [], "end": {"ok": True}}, ref, set())
+    assert not skipped.passed and "did not run" in skipped.message
+    assert judge_cell({"records": ref["records"], "end": {"ok": True}}, ref, set()).passed
+
+
+def test_missing_kernel_features_are_refused_by_name(monkeypatch):
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    with pytest.raises(sandbox.SandboxUnavailable, match="bubblewrap"):
+        sandbox.check_features()
+
+
+# --- the whole chapter ---------------------------------------------------------------------------
+
+@needs_sandbox
+def test_reference_solutions_get_every_point_and_the_release_none(tmp_path):
+    root = tmp_path / "course"
+    shutil.copytree(SOLUTIONS, root / "solutions" / ASSIGNMENT)
+    shutil.copy(ROOT / "nbgrader_config.py", root)
+    config = nbgrader_config(root=str(root))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PATH", nbgrader_env()["PATH"])
+    assert NbGraderAPI(config=config).generate_assignment(ASSIGNMENT)["success"]
+    mp.undo()
+    for student, folder in (("reference", root / "solutions" / ASSIGNMENT), ("untouched", root / "release" / ASSIGNMENT)):
+        if not folder.is_dir():
+            folder = root / "chapters" / ASSIGNMENT
+        (root / "submitted" / student).mkdir(parents=True)
+        shutil.copytree(folder, root / "submitted" / student / ASSIGNMENT)
+    rows = grade(root, ASSIGNMENT, echo=lambda *a: None)
+    by = {(r.student, r.notebook): r for r in rows}
+    for name in NOTEBOOKS:
+        ref, untouched = by[("reference", name)], by[("untouched", name)]
+        assert ref.score == ref.max_score > 0, f"reference {name}: {ref.score}/{ref.max_score}: {ref.reason}"
+        assert untouched.score == 0, f"untouched {name}: {untouched.score}: {untouched.reason}"
