@@ -289,8 +289,13 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
           report: Path | None = None, echo=print, notebooks: list[str] | None = None) -> list[Row]:
     """Grade every (or the named) student's submission of ``assignment`` (every notebook, or the
     named ones); return the report's rows."""
+    if not Path(root).is_dir():
+        raise SystemExit(f"no course directory at {root}")
     sandbox.check_features()
     course = Course(root)
+    if course.db_url.startswith("sqlite:///") and not Path(course.db_url.removeprefix("sqlite:///")).is_file():
+        raise SystemExit(f"no gradebook at {course.db_url.removeprefix('sqlite:///')}: run `nbgrader "
+                         f"generate_assignment {assignment}` in the course directory first")
     known_notebooks = gradebook.notebook_names(course.db_url, assignment)
     unknown = [n for n in (notebooks or []) if n not in known_notebooks]
     if unknown:
