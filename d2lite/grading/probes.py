@@ -72,6 +72,8 @@ def encode(value: Any) -> Any:
 
     if value is None or isinstance(value, (bool, int, float, str)):
         return value if not isinstance(value, str) else value[:MAX_TEXT]
+    if type(value) is torch.nn.Parameter:
+        value = value.detach()  # a plain tensor with the parameter's values
     if type(value) is not torch.Tensor:
         try:
             value = torch.as_tensor(value)
