@@ -18,12 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _course(tmp: Path) -> Path:
+def _course(tmp: Path, env: dict) -> Path:
     root = tmp / "course"
     shutil.copytree(ROOT / "solutions", root / "solutions")
     shutil.copy(ROOT / "nbgrader_config.py", root)
     subprocess.run([str(Path(sys.executable).parent / "nbgrader"), "generate_assignment", "batch_norm", "--force"],
-                   cwd=root, check=True, capture_output=True)
+                   cwd=root, check=True, capture_output=True, env=env)
     import nbformat
 
     # an honest student's answers: the reference's, each with a comment of its own (a submission
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     with tempfile.TemporaryDirectory() as tmp:
-        root = _course(Path(tmp))
+        root = _course(Path(tmp), env)
         d2lite = [str(Path(sys.executable).parent / "d2lite"), "grade", "batch_norm", "--student", "d2lite_student"]
         timings = {}
         for label, cmd in (("nbgrader autograde", [str(Path(sys.executable).parent / "nbgrader"), "autograde",

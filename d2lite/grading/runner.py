@@ -186,6 +186,9 @@ def reference_events(course: Course, assignment: str, notebook: str, source_nb, 
             ev = events.get(i)
             if ev is None or ev["end"] is None or not ev["end"].get("ok"):
                 detail = (ev or {}).get("end") or {}
+                first = next((e["end"] for _, e in sorted(events.items()) if e.get("end") and not e["end"].get("ok")), None)
+                if first is not None and first is not detail:
+                    detail = first
                 raise SystemExit(f"the reference solution of {notebook} fails its own test {gid!r} in the "
                                  f"sandbox ({(detail.get('error') or {}).get('evalue', outcome.killed or 'did not run')}); "
                                  f"sandbox output: {outcome.output[-2000:].decode(errors='replace')}")
