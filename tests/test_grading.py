@@ -3,16 +3,14 @@ generate_assignment → autograde (reference solutions, untouched release, typic
 generate_feedback → export (grades.csv)."""
 import csv
 import html
-import shutil
 
 import nbformat
 import pytest
 from nbgrader.api import Gradebook
-from nbgrader.apps import NbGraderAPI
 from nbgrader.plugins.export import CsvExportPlugin
 
-from notebook_utils import (ASSIGNMENT, CHAPTERS, NOTEBOOKS, ROOT, SOLUTIONS, grade_cells,
-                            nbgrader_config, nbgrader_env, nbgrader_meta, read)
+from notebook_utils import (ASSIGNMENT, CHAPTERS, NOTEBOOKS, SOLUTIONS, grade_cells, nbgrader_env,
+                            nbgrader_meta, new_course, read)
 
 REFERENCE = '''
 def batch_norm(X, gamma, beta, moving_mean, moving_var, eps=1e-5, momentum=0.1, training=True):
@@ -69,15 +67,9 @@ MISTAKES = {
 def course(tmp_path_factory):
     """A course directory with the solutions, a gradebook, and an NbGraderAPI on it."""
     root = tmp_path_factory.mktemp("course")
-    shutil.copytree(SOLUTIONS, root / "solutions" / ASSIGNMENT)
-    shutil.copy(ROOT / "nbgrader_config.py", root)
-    config = nbgrader_config(root=str(root))
-    config.Exchange.root = str(tmp_path_factory.mktemp("exchange"))
     mp = pytest.MonkeyPatch()
     mp.setenv("PATH", nbgrader_env()["PATH"])
-    api = NbGraderAPI(config=config)
-    result = api.generate_assignment(ASSIGNMENT)
-    assert result["success"], result["error"] + result["log"][-3000:]
+    api = new_course(root, tmp_path_factory.mktemp("exchange"))
     yield root, api
     mp.undo()
 

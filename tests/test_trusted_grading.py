@@ -15,7 +15,8 @@ import torch
 from nbgrader.api import Gradebook
 from nbgrader.apps import NbGraderAPI
 
-from notebook_utils import ASSIGNMENT, NOTEBOOKS, ROOT, SOLUTIONS, nbgrader_config, nbgrader_env, nbgrader_meta, read
+from notebook_utils import (ASSIGNMENT, NOTEBOOKS, SOLUTIONS, nbgrader_config, nbgrader_env, nbgrader_meta,
+                            new_course, read)
 from test_grading import MISTAKES, _implementation
 
 from d2lite.grading import sandbox
@@ -141,7 +142,7 @@ CASES = {
     "crash_by_kill": (lambda: _with(CORRECT, "import os\nos.kill(os.getpid(), 9)\n"), 0, "stopped early"),
     "infinite_loop": (lambda: _with(CORRECT, "while True:\n    pass\n"), 0, "wall-clock"),
     "memory_bomb": (lambda: _with(CORRECT, "hog = []\nwhile True:\n    hog.append(torch.ones(64 << 20, dtype=torch.uint8))\n"), 0, "memory cap"),
-    "orphan_processes": (lambda: _with(CORRECT, f"import subprocess\nfor i in range(3):\n    subprocess.Popen(['setsid', 'sleep', '{314159 + 1}{MARK[:0]}'])\n"), FULL, ""),
+    "orphan_processes": (lambda: _with(CORRECT, "import subprocess\nfor i in range(3):\n    subprocess.Popen(['setsid', 'sleep', '314160'])\n"), FULL, ""),
     "network": ("network", FULL, ""),
     "read_course_files": ("read", FULL, ""),
     "write_outside": ("write", FULL, ""),
@@ -159,14 +160,9 @@ def graded(tmp_path_factory):
     if MISSING:
         pytest.skip(f"sandbox unavailable: {MISSING}")
     root = tmp_path_factory.mktemp("course")
-    shutil.copytree(SOLUTIONS, root / "solutions" / ASSIGNMENT)
-    shutil.copy(ROOT / "nbgrader_config.py", root)
-    config = nbgrader_config(root=str(root))
-    config.Exchange.root = str(tmp_path_factory.mktemp("exchange"))
     mp = pytest.MonkeyPatch()
     mp.setenv("PATH", nbgrader_env()["PATH"])
-    result = NbGraderAPI(config=config).generate_assignment(ASSIGNMENT)
-    assert result["success"], result["error"]
+    new_course(root, tmp_path_factory.mktemp("exchange"))
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(5)
@@ -348,12 +344,9 @@ def test_missing_kernel_features_are_refused_by_name(monkeypatch):
 @needs_sandbox
 def test_reference_solutions_get_every_point_and_the_release_none(tmp_path):
     root = tmp_path / "course"
-    shutil.copytree(SOLUTIONS, root / "solutions" / ASSIGNMENT)
-    shutil.copy(ROOT / "nbgrader_config.py", root)
-    config = nbgrader_config(root=str(root))
     mp = pytest.MonkeyPatch()
     mp.setenv("PATH", nbgrader_env()["PATH"])
-    assert NbGraderAPI(config=config).generate_assignment(ASSIGNMENT)["success"]
+    new_course(root, tmp_path / "exchange")
     mp.undo()
     for student, folder in (("reference", root / "solutions" / ASSIGNMENT), ("untouched", root / "release" / ASSIGNMENT)):
         if not folder.is_dir():

@@ -107,7 +107,9 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
         if "TryStar" in why:
             continue
         flags.append(Flag("machinery", cell, lineno or 0, quote(lineno), f"not allowed in graded code: {why}"))
-    modules = MODULE_NAMES | set(module_names) | _imported_names(tree)
+    imported = _imported_names(tree)
+    modules = MODULE_NAMES | set(module_names) | imported
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 0)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ATTRIBUTE_FUNCTIONS:
@@ -126,8 +128,7 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
             flags.append(Flag("machinery", cell, line, quote(line),
                               f"calls {node.func.id}(), which can reach into the grader's machinery"))
         elif isinstance(node, ast.Name) and node.id in FORBIDDEN_CALLS | ATTRIBUTE_FUNCTIONS \
-                and isinstance(node.ctx, ast.Load) \
-                and not any(isinstance(p, ast.Call) and p.func is node for p in ast.walk(tree)):
+                and isinstance(node.ctx, ast.Load) and id(node) not in called:
             flags.append(Flag("machinery", cell, line, quote(line), f"uses {node.id}, which can reach into the "
                               "grader's machinery"))
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -162,7 +163,7 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
                 flags.append(Flag("structure", cell, line, quote(line),
                                   f"calls the library's {node.attr} instead of doing the work itself"))
         elif isinstance(node, ast.Name) and node.id in structure and isinstance(node.ctx, ast.Load) \
-                and node.id in _imported_names(tree):
+                and node.id in imported:
             flags.append(Flag("structure", cell, line, quote(line),
                               f"uses the library's {node.id} instead of doing the work itself"))
     unique, seen = [], set()

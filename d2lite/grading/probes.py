@@ -85,8 +85,8 @@ def encode(value: Any) -> Any:
     dtype = str(t.dtype).removeprefix("torch.")
     if dtype not in _DTYPES or t.numel() > MAX_ELEMENTS:
         return {"unencodable": f"a tensor of dtype {dtype} with {t.numel()} elements"}
-    data = t.contiguous().view(torch.uint8) if t.dim() and t.numel() else t.reshape(-1).contiguous()
-    raw = t.contiguous().numpy().tobytes() if dtype != "bfloat16" else data.numpy().tobytes()
+    flat = t.reshape(-1).contiguous()
+    raw = (flat.view(torch.uint8) if dtype == "bfloat16" else flat).numpy().tobytes()  # numpy has no bfloat16
     return {"tensor": {"dtype": dtype, "shape": list(t.shape), "data": base64.b64encode(raw).decode()}}
 
 

@@ -144,7 +144,7 @@ def _own_files(folder: Path | None, into: Path) -> None:
             shutil.copyfile(path, into / rel)
 
 
-def _execute(rebuilt: Rebuilt, files: Path | None, limits: sandbox.Limits):
+def _execute(job: dict, files: Path | None, limits: sandbox.Limits):
     binds, env = _environment()
     with tempfile.TemporaryDirectory(prefix="d2lite-submission-") as tmp:
         tmp_path = Path(tmp)
@@ -152,7 +152,7 @@ def _execute(rebuilt: Rebuilt, files: Path | None, limits: sandbox.Limits):
         tmp_path.chmod(0o755)
         for p in tmp_path.rglob("*"):
             p.chmod(0o755 if p.is_dir() else 0o644)
-        outcome = sandbox.run(sandbox.python_command(), json.dumps(_job(rebuilt)).encode(),
+        outcome = sandbox.run(sandbox.python_command(), json.dumps(job).encode(),
                               submission=tmp_path, ro_binds=binds, env=env, limits=limits)
     return cell_events(read_records(outcome.records)), outcome
 
@@ -178,7 +178,7 @@ def reference_events(course: Course, assignment: str, notebook: str, source_nb, 
                 return stored
         except ValueError:
             pass
-    events, outcome = _execute(rebuilt, course.source(assignment), limits)
+    events, outcome = _execute(job, course.source(assignment), limits)
     cells = {}
     for i, (cell, role) in enumerate(zip(rebuilt.nb.cells, rebuilt.roles)):
         if role == "test":
@@ -261,7 +261,7 @@ def grade_notebook(course: Course, assignment: str, student: str, notebook: str,
             # the instructor's own reference notebook, cell for cell: its records are the reference's
             events, outcome = {int(i): ev for i, ev in reference["events"].items()}, None
         else:
-            events, outcome = _execute(rebuilt, folder, limits)
+            events, outcome = _execute(job, folder, limits)
         for i in tests:
             gid = nbgrader_meta(rebuilt.nb.cells[i])["grade_id"]
             if machinery:
@@ -272,16 +272,12 @@ def grade_notebook(course: Course, assignment: str, student: str, notebook: str,
             else:
                 verdicts[i] = judge_cell(events.get(i), reference["cells"][gid], structure)
         reasons += [f"flagged ({f.kind}): {f}" for f in machinery[:3] + library[:3]]
-        if outcome is None:
-            pass
-        elif outcome.killed:
+        if outcome is not None and outcome.killed:
             reasons.append({"timeout": f"stopped after {limits.wall:g} s (wall-clock cap)",
                             "memory": f"stopped at the memory cap ({limits.memory / 2**30:g} GiB)",
                             "output": f"stopped: more than {limits.output >> 20} MiB of output",
                             "records": "stopped: too many probe records"}[outcome.killed])
-        elif not any(r.get("end") for r in events.values()) or max(events, default=-1) < max(
-                (c["index"] for c in _job(rebuilt)["cells"]), default=-1) or events.get(
-                max(events, default=-1), {}).get("end") is None:
+        elif outcome is not None and job["cells"] and (events.get(job["cells"][-1]["index"]) or {}).get("end") is None:
             reasons.append(f"the notebook stopped early (exit status {outcome.returncode})")
         if outcome is not None and outcome.leftover:
             reasons.append(f"{outcome.leftover} process(es) still running at the end were killed")
@@ -341,9 +337,8 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
                 row = Row(student, name, 0.0, 0.0, reasons=[f"internal error, graded 0: {type(error).__name__}: {error}"])
                 try:
                     rebuilt = rebuild(sources[name], None, icells[name])
-                    for cell in rebuilt.nb.cells:
-                        if cell.cell_type == "code":
-                            cell.outputs = [_error_output(row.reasons[0])] if nbgrader_meta(cell).get("grade") else []
+                    _compose(rebuilt, {}, {i: Verdict(False, row.reasons[0]) for i, role in
+                                           enumerate(rebuilt.roles) if role == "test"})
                     gradebook.save(course.db_url, assignment, student, name, rebuilt.nb,
                                    course.autograded(student, assignment), None)
                 except Exception as again:  # noqa: BLE001
