@@ -116,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     grd.add_argument("--report", default=None, help="CSV report path (default reports/ASSIGNMENT.csv)")
     grd.add_argument("--refresh-reference", action="store_true",
                      help="recompute the reference solution's records even if cached")
+    grd.add_argument("--workers", type=_positive_int, default=None,
+                     help="notebooks graded at once on this machine (default: the number of cores)")
+    grd.add_argument("--scheduler", default=None, metavar="tcp://HOST:8786",
+                     help="grade on this Dask cluster instead (needs the [cluster] extra; every worker "
+                          "machine needs the sandbox's features); the gradebook stays here")
+    grd.add_argument("--force", action="store_true",
+                     help="grade again notebooks already graded from the same submission")
+    grd.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                     help="hide the progress bar (shown on a terminal)")
     args = parser.parse_args(argv)
     if args.command == "grade":
         from .grading.runner import grade
@@ -124,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         limits = Limits(memory=args.memory, wall=float(args.timeout), cpu=args.cpu,
                         processes=args.processes, output=args.output)
         try:
+            if args.workers and args.scheduler:
+                raise SystemExit("d2lite grade: --workers and --scheduler exclude each other (a Dask "
+                                 "cluster's size is its workers' threads)")
             grade(Path(args.course), args.assignment, args.student or None, limits,
-                  args.refresh_reference, Path(args.report) if args.report else None)
+                  args.refresh_reference, Path(args.report) if args.report else None,
+                  workers=args.workers, scheduler=args.scheduler, force=args.force, progress=args.progress)
         except SandboxUnavailable as error:
             raise SystemExit(f"d2lite grade: {error}") from None
         return 0

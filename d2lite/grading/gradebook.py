@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nbformat
 
-__all__ = ["instructor_cells", "notebook_names", "save"]
+__all__ = ["copy_timestamp", "graded_notebooks", "instructor_cells", "notebook_names", "save"]
 
 
 def notebook_names(db_url: str, assignment: str) -> list[str]:
@@ -32,6 +32,18 @@ def instructor_cells(db_url: str, assignment: str, notebook: str) -> dict[str, d
         for g in nb.grade_cells:
             cells.setdefault(g.name, {})["points"] = g.max_score
     return cells
+
+
+def graded_notebooks(db_url: str, assignment: str) -> set[tuple[str, str]]:
+    """(student, notebook) pairs the gradebook holds a submitted notebook for."""
+    from nbgrader.api import Gradebook, MissingEntry
+
+    with Gradebook(db_url) as gb:
+        try:
+            return {(sub.student.id, nb.name) for sub in gb.find_assignment(assignment).submissions
+                    for nb in sub.notebooks}
+        except MissingEntry:
+            return set()
 
 
 def save(db_url: str, assignment: str, student: str, notebook: str, nb: nbformat.NotebookNode,

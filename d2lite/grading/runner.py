@@ -1,12 +1,22 @@
-"""`d2lite grade`: every submission of an assignment, each notebook in its own sandbox, one after another."""
+"""`d2lite grade`: tasks in, records out — every (student, notebook) of an assignment graded in a warm
+sandbox, on N local workers or on a Dask cluster, with the gradebook written here only.
+
+A task carries one submitted notebook (its JSON and the submission's own files) and the notebook's
+context (the instructor's copy and the reference records); it comes back as data only: the report
+line, the autograded notebook and the records. The coordinator (this process) is the single writer
+of the gradebook and of the ledger in .d2lite/graded/ that lets an interrupted run resume.
+"""
 from __future__ import annotations
 
 import ast
+import base64
 import hashlib
 import json
-import shutil
+import os
 import sys
-import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import nbformat
@@ -17,9 +27,10 @@ from .probes import instrument, read_records
 from .rebuild import Rebuilt, Unreadable, nbgrader_meta, read_submission, rebuild
 from .report import Row, format_table, write_csv
 
-__all__ = ["Course", "grade"]
+__all__ = ["Course", "grade", "grade_task", "execute_job"]
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+MAX_OWN_FILES = 64 << 20
 
 
 class Course:
@@ -38,6 +49,7 @@ class Course:
         self.dir = CourseDirectory(config=config)
         self.db_url = self.dir.db_url
         self.cache = self.root / ".d2lite" / "reference"
+        self.ledgers = self.root / ".d2lite" / "graded"
 
     def source(self, assignment: str) -> Path:
         return Path(self.dir.format_path(self.dir.source_directory, ".", assignment))
@@ -126,10 +138,12 @@ def _environment() -> tuple[list[Path], dict[str, str]]:
     return binds, env
 
 
-def _own_files(folder: Path | None, into: Path) -> None:
-    """Copy the submission's own regular files (not notebooks, not links) into ``into``."""
-    if folder is None or not folder.is_dir():
-        return
+def own_files(folder: Path | None) -> dict[str, str]:
+    """The submission's own regular files (not notebooks, not links, not the timestamp), relative
+    path -> base64, up to 64 MiB in all."""
+    files: dict[str, str] = {}
+    if folder is None or not folder.is_dir() or folder.is_symlink():
+        return files
     total = 0
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
@@ -138,47 +152,113 @@ def _own_files(folder: Path | None, into: Path) -> None:
         if path.is_file() and path.suffix != ".ipynb" and ".ipynb_checkpoints" not in rel.parts \
                 and rel.name != "timestamp.txt":
             total += path.stat().st_size
-            if total > 64 << 20:
+            if total > MAX_OWN_FILES:
                 break
-            (into / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, into / rel)
+            files[rel.as_posix()] = base64.b64encode(path.read_bytes()).decode()
+    return files
 
 
-def _execute(job: dict, files: Path | None, limits: sandbox.Limits):
+def imported_modules(notebooks) -> list[str]:
+    """The top-level modules the (instructor's) notebooks import: the warm server imports them once."""
+    names = set()
+    for nb in notebooks:
+        for cell in nb.cells:
+            if cell.cell_type != "code":
+                continue
+            try:
+                tree = ast.parse(cell.source)
+            except SyntaxError:
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    names |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names.add(node.module.split(".")[0])
+    return sorted(names)
+
+
+# --- the worker's side: one warm sandbox per worker thread, created on first use --------------
+
+_local = threading.local()
+_warm_lock = threading.Lock()
+_all_warm: list = []
+_checked = False
+
+
+def _warm(limits: sandbox.Limits, modules: list[str]) -> sandbox.Warm:
+    global _checked
+    key = (limits, tuple(modules))
+    warm = getattr(_local, "warm", None)
+    if warm is not None and warm.alive and warm.key == key:
+        return warm
+    if warm is not None:
+        warm.close()
+    with _warm_lock:
+        if not _checked:
+            sandbox.check_features()
+            _checked = True
     binds, env = _environment()
-    with tempfile.TemporaryDirectory(prefix="d2lite-submission-") as tmp:
-        tmp_path = Path(tmp)
-        _own_files(files, tmp_path)
-        tmp_path.chmod(0o755)
-        for p in tmp_path.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        outcome = sandbox.run(sandbox.python_command(), json.dumps(job).encode(),
-                              submission=tmp_path, ro_binds=binds, env=env, limits=limits)
-    return cell_events(read_records(outcome.records)), outcome
+    warm = sandbox.Warm(binds, env, limits, modules)
+    warm.key = key
+    _local.warm = warm
+    with _warm_lock:
+        _all_warm.append(warm)
+    return warm
 
 
-def reference_events(course: Course, assignment: str, notebook: str, source_nb, icells: dict,
-                     limits: sandbox.Limits, refresh: bool = False) -> dict:
-    """The reference solution's run: ``cells`` (grade_id -> the records of each test cell), ``job``
-    and ``events`` (the whole run), cached per assignment until solutions/ (or d2lite, or torch)
-    changes."""
+def close_sandboxes() -> None:
+    """End every warm sandbox this process started (their running notebooks with them)."""
+    with _warm_lock:
+        warms, _all_warm[:] = list(_all_warm), []
+    for warm in warms:
+        warm.close()
+
+
+def execute_job(job: dict, limits: sandbox.Limits, modules: list[str]) -> dict:
+    """Run one job in this worker's warm sandbox: its events (cell index -> records) and what the
+    sandbox said (exit status, cap hit, seconds, peak memory, leftover processes, output tail)."""
+    warm = _warm(limits, modules)
+    outcome = warm.run(json.dumps(job).encode(), limits)
+    if outcome.returncode is None and outcome.notes:  # the server itself failed: one retry on a new one
+        warm = _warm(limits, modules)
+        outcome = warm.run(json.dumps(job).encode(), limits)
+    events = cell_events(read_records(outcome.records))
+    return {"events": {str(i): ev for i, ev in events.items()},
+            "outcome": {"returncode": outcome.returncode, "killed": outcome.killed, "leftover": outcome.leftover,
+                        "seconds": outcome.seconds, "peak_memory": outcome.peak_memory,
+                        "output": outcome.output[-4000:].decode(errors="replace"), "notes": outcome.notes}}
+
+
+def _events(result: dict) -> dict[int, dict]:
+    return {int(i): ev for i, ev in result["events"].items()}
+
+
+# --- the reference solution's records, cached per assignment --------------------------------
+
+def reference_job(course: Course, assignment: str, notebook: str, source_nb, icells: dict) -> tuple[dict, str, Path]:
     import torch
 
     import d2lite
 
     rebuilt = rebuild(source_nb, source_nb, icells)
-    job = _job(rebuilt)
+    job = {**_job(rebuilt), "files": own_files(course.source(assignment))}
     key = hashlib.sha256(json.dumps([CACHE_VERSION, job, d2lite.__version__, torch.__version__],
                                     sort_keys=True).encode()).hexdigest()
-    cache = course.cache / assignment / f"{notebook}.json"
-    if not refresh and cache.is_file():
-        try:
-            stored = json.loads(cache.read_text())
-            if stored.get("key") == key:
-                return stored
-        except ValueError:
-            pass
-    events, outcome = _execute(job, course.source(assignment), limits)
+    return job, key, course.cache / assignment / f"{notebook}.json"
+
+
+def cached_reference(path: Path, key: str) -> dict | None:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if stored.get("key") == key else None
+
+
+def store_reference(notebook: str, source_nb, icells: dict, job: dict, key: str, path: Path, result: dict) -> dict:
+    """Check that the reference passes every test of its own, then cache its records."""
+    rebuilt = rebuild(source_nb, source_nb, icells)
+    events, outcome = _events(result), result["outcome"]
     cells = {}
     for i, (cell, role) in enumerate(zip(rebuilt.nb.cells, rebuilt.roles)):
         if role == "test":
@@ -190,14 +270,18 @@ def reference_events(course: Course, assignment: str, notebook: str, source_nb, 
                 if first is not None and first is not detail:
                     detail = first
                 raise SystemExit(f"the reference solution of {notebook} fails its own test {gid!r} in the "
-                                 f"sandbox ({(detail.get('error') or {}).get('evalue', outcome.killed or 'did not run')}); "
-                                 f"sandbox output: {outcome.output[-2000:].decode(errors='replace')}")
+                                 f"sandbox ({(detail.get('error') or {}).get('evalue', outcome['killed'] or 'did not run')}); "
+                                 f"sandbox output: {outcome['output'][-2000:]}")
             cells[gid] = ev
-    stored = {"key": key, "cells": cells, "job": job, "events": {str(i): ev for i, ev in events.items()}}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(stored))
+    stored = {"key": key, "cells": cells, "job": job, "events": result["events"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stored))
+    os.replace(tmp, path)
     return stored
 
+
+# --- one (student, notebook): the task, run where the sandbox is -----------------------------
 
 def _error_output(message: str) -> nbformat.NotebookNode:
     return nbformat.v4.new_output("error", ename="AssertionError", evalue=message,
@@ -225,16 +309,33 @@ def _compose(rebuilt: Rebuilt, events: dict, verdicts: dict[int, Verdict]) -> No
                 traceback=[str(t) for t in error.get("traceback", [])][:3]))
 
 
-def grade_notebook(course: Course, assignment: str, student: str, notebook: str, source_nb, icells: dict,
-                   reference: dict, limits: sandbox.Limits) -> Row:
+def read_task(course: Course, assignment: str, student: str, notebook: str) -> dict:
+    """What a worker needs of one submitted notebook, read here: its text (or why it is unreadable)
+    and the submission's own files."""
     folder = course.submitted(student, assignment)
-    reasons: list[str] = []
+    task = {"student": student, "notebook": notebook, "notebook_json": None, "error": None, "files": {}}
     try:
-        student_nb = read_submission(folder / f"{notebook}.ipynb", folder)
+        task["notebook_json"] = json.dumps(read_submission(folder / f"{notebook}.ipynb", folder))
     except Unreadable as error:
-        student_nb, reasons = None, [str(error)]
+        task["error"] = str(error)
     except OSError as error:
-        student_nb, reasons = None, [f"the notebook could not be read ({error})"]
+        task["error"] = f"the notebook could not be read ({error})"
+    if task["error"] is None:
+        task["files"] = own_files(folder)
+    return task
+
+
+def grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
+    """Grade one submitted notebook (runs on a worker: locally or on a Dask worker). Returns data only:
+    ``row`` (the report line), ``autograded`` (the notebook, JSON) and ``events`` (the records)."""
+    source_nb = nbformat.reads(context["source"], as_version=4)
+    icells, reference = context["icells"], context["reference"]
+    reasons: list[str] = []
+    student_nb = None
+    if task["error"] is not None:
+        reasons = [task["error"]]
+    else:
+        student_nb = nbformat.from_dict(json.loads(task["notebook_json"]))  # read_submission validated it
     rebuilt = rebuild(source_nb, student_nb, icells)
     reasons += rebuilt.notes[:5]
     tests = [i for i, role in enumerate(rebuilt.roles) if role == "test"]
@@ -253,15 +354,15 @@ def grade_notebook(course: Course, assignment: str, student: str, notebook: str,
                 flags += policy.check_cell(cell.source, label, module_names=modules, structure=structure)
         machinery = [f for f in flags if f.kind == "machinery"]
         library = [f for f in flags if f.kind == "structure"]
-        job = _job(rebuilt)
+        job = {**_job(rebuilt), "files": task["files"]}
         if machinery:
-            events, outcome = {}, None  # known-hostile code is not run at all: every test gets 0 below
-        elif job == reference["job"] and not any(p.suffix != ".ipynb" for p in folder.iterdir()
-                                                 if p.name != "timestamp.txt"):
+            pass  # known-hostile code is not run at all: every test gets 0 below
+        elif job["cells"] == reference["job"]["cells"] and not task["files"]:
             # the instructor's own reference notebook, cell for cell: its records are the reference's
-            events, outcome = {int(i): ev for i, ev in reference["events"].items()}, None
+            events = {int(i): ev for i, ev in reference["events"].items()}
         else:
-            events, outcome = _execute(job, folder, limits)
+            result = execute_job(job, limits, context["modules"])
+            events, outcome = _events(result), result["outcome"]
         for i in tests:
             gid = nbgrader_meta(rebuilt.nb.cells[i])["grade_id"]
             if machinery:
@@ -272,37 +373,147 @@ def grade_notebook(course: Course, assignment: str, student: str, notebook: str,
             else:
                 verdicts[i] = judge_cell(events.get(i), reference["cells"][gid], structure)
         reasons += [f"flagged ({f.kind}): {f}" for f in machinery[:3] + library[:3]]
-        if outcome is not None and outcome.killed:
+        if outcome is not None and outcome["notes"]:
+            reasons += outcome["notes"]
+        elif outcome is not None and outcome["killed"]:
             reasons.append({"timeout": f"stopped after {limits.wall:g} s (wall-clock cap)",
                             "memory": f"stopped at the memory cap ({limits.memory / 2**30:g} GiB)",
                             "output": f"stopped: more than {limits.output >> 20} MiB of output",
-                            "records": "stopped: too many probe records"}[outcome.killed])
+                            "records": "stopped: too many probe records"}[outcome["killed"]])
         elif outcome is not None and job["cells"] and (events.get(job["cells"][-1]["index"]) or {}).get("end") is None:
-            reasons.append(f"the notebook stopped early (exit status {outcome.returncode})")
-        if outcome is not None and outcome.leftover:
-            reasons.append(f"{outcome.leftover} process(es) still running at the end were killed")
+            reasons.append(f"the notebook stopped early (exit status {outcome['returncode']})")
+        if outcome is not None and outcome["leftover"]:
+            reasons.append(f"{outcome['leftover']} process(es) still running at the end were killed")
     _compose(rebuilt, events, verdicts)
     for i in tests:
         if not verdicts[i].passed and verdicts[i].reason not in ("machinery", "library") and student_nb is not None:
             gid = nbgrader_meta(rebuilt.nb.cells[i])["grade_id"]
             reasons.append(f"{gid}: {verdicts[i].message.splitlines()[0][:160]}")
-    autograded = course.autograded(student, assignment)
-    stamp = gradebook.copy_timestamp(folder, autograded) if folder.is_dir() and not folder.is_symlink() else None
-    gradebook.save(course.db_url, assignment, student, notebook, rebuilt.nb, autograded, stamp)
     score = sum(float(nbgrader_meta(rebuilt.nb.cells[i]).get("points", 0)) for i in tests if verdicts[i].passed)
     most = sum(float(nbgrader_meta(rebuilt.nb.cells[i]).get("points", 0)) for i in tests)
-    return Row(student, notebook, score, most, outcome.seconds if outcome else 0.0,
-               (outcome.peak_memory if outcome else 0) / 2**20, reasons)
+    row = Row(task["student"], task["notebook"], score, most, outcome["seconds"] if outcome else 0.0,
+              (outcome["peak_memory"] if outcome else 0) / 2**20, reasons)
+    return {"row": asdict(row), "autograded": nbformat.writes(rebuilt.nb),
+            "events": {str(i): ev for i, ev in events.items()}}
+
+
+def _failed_result(task: dict, context: dict, message: str) -> dict:
+    """A task that could not be graded (an internal error): every test cell 0, with the reason."""
+    source_nb = nbformat.reads(context["source"], as_version=4)
+    rebuilt = rebuild(source_nb, None, context["icells"])
+    _compose(rebuilt, {}, {i: Verdict(False, message) for i, role in enumerate(rebuilt.roles) if role == "test"})
+    most = sum(float(nbgrader_meta(c).get("points", 0)) for c, role in zip(rebuilt.nb.cells, rebuilt.roles)
+               if role == "test")
+    row = Row(task["student"], task["notebook"], 0.0, most, reasons=[message])
+    return {"row": asdict(row), "autograded": nbformat.writes(rebuilt.nb), "events": {}}
+
+
+# --- where tasks run: local threads (one warm sandbox each) or a Dask cluster ----------------
+
+class LocalWorkers:
+    """N worker threads in this process, each with its own warm sandbox."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d2lite-grade")
+
+    def share(self, value):
+        return value
+
+    def submit(self, fn, *args):
+        return self.pool.submit(fn, *args)
+
+    def as_completed(self, futures):
+        from concurrent.futures import as_completed
+
+        return as_completed(futures)
+
+    def close(self, cancel: bool = False) -> None:
+        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+        close_sandboxes()
+        if not cancel:
+            return
+        self.pool.shutdown(wait=True)
+
+
+class DaskWorkers:
+    """An existing Dask distributed cluster: each task runs on a worker (in that worker's warm
+    sandbox); a worker that dies has its tasks rerun elsewhere by the scheduler."""
+
+    def __init__(self, address: str, timeout: float = 30) -> None:
+        try:
+            from distributed import Client
+        except ImportError:
+            raise SystemExit("--scheduler needs Dask: pip install -e \".[cluster]\" (dask and distributed)") from None
+        try:
+            self.client = Client(address, timeout=timeout)
+        except OSError as error:
+            raise SystemExit(f"cannot reach the Dask scheduler at {address}: {error}") from None
+        self.workers = max(1, sum(self.client.nthreads().values()))
+
+    def share(self, value):
+        return self.client.scatter(value, broadcast=True, hash=False)
+
+    def submit(self, fn, *args):
+        return self.client.submit(fn, *args, pure=False)
+
+    def as_completed(self, futures):
+        from distributed import as_completed
+
+        return as_completed(futures)
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.close()
+
+
+# --- the coordinator: tasks out, results in, the gradebook and the ledger written here --------
+
+def _ledger(course: Course, assignment: str) -> dict[tuple[str, str], dict]:
+    entries: dict[tuple[str, str], dict] = {}
+    path = course.ledgers / f"{assignment}.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return entries
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            entries[(entry["student"], entry["notebook"])] = entry
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a killed run: that notebook is graded again
+    return entries
+
+
+def _task_key(task: dict, context: dict, limits: sandbox.Limits) -> str:
+    body = json.dumps([CACHE_VERSION, task, context["reference"]["key"], asdict(limits)], sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
 
 
 def grade(root: Path, assignment: str, students: list[str] | None = None,
           limits: sandbox.Limits = sandbox.Limits(), refresh_reference: bool = False,
-          report: Path | None = None, echo=print, notebooks: list[str] | None = None) -> list[Row]:
+          report: Path | None = None, echo=None, notebooks: list[str] | None = None,
+          workers: int | None = None, scheduler: str | None = None, force: bool = False,
+          progress: bool | None = None) -> list[Row]:
     """Grade every (or the named) student's submission of ``assignment`` (every notebook, or the
-    named ones); return the report's rows."""
+    named ones) on ``workers`` local workers (default: the number of cores) or on the Dask cluster
+    at ``scheduler``; notebooks already graded from the same submission are skipped unless
+    ``force``. Return the report's rows, in (student, notebook) order."""
+    from tqdm.auto import tqdm
+
     if not Path(root).is_dir():
         raise SystemExit(f"no course directory at {root}")
-    sandbox.check_features()
+    if workers is not None and workers < 1:
+        raise SystemExit(f"--workers must be at least 1, got {workers}")
+    if scheduler is None:
+        sandbox.check_features()
+    sandbox.remove_stale_cgroups()
     course = Course(root)
     if course.db_url.startswith("sqlite:///") and not Path(course.db_url.removeprefix("sqlite:///")).is_file():
         raise SystemExit(f"no gradebook at {course.db_url.removeprefix('sqlite:///')}: run `nbgrader "
@@ -319,33 +530,93 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
             raise SystemExit(f"no submission of {assignment!r} for {', '.join(unknown)} under "
                              f"{course.dir.submitted_directory}/")
     students = students or known
-    sources, icells, references = {}, {}, {}
-    for name in notebooks:
-        sources[name] = nbformat.read(str(course.source(assignment) / f"{name}.ipynb"), as_version=4)
-        icells[name] = gradebook.instructor_cells(course.db_url, assignment, name)
-        references[name] = reference_events(course, assignment, name, sources[name], icells[name], limits,
-                                            refresh_reference)
-    rows: list[Row] = []
-    for student in students:
+    sources = {name: nbformat.read(str(course.source(assignment) / f"{name}.ipynb"), as_version=4)
+               for name in notebooks}
+    icells = {name: gradebook.instructor_cells(course.db_url, assignment, name) for name in notebooks}
+    modules = imported_modules(sources.values())
+    runner = DaskWorkers(scheduler) if scheduler else LocalWorkers(workers or _default_workers())
+    rows: dict[tuple[str, str], Row] = {}
+    bar = None
+    try:
+        # the reference solutions first (cached until solutions/, d2lite or torch change)
+        references, pending = {}, {}
         for name in notebooks:
-            try:
-                row = grade_notebook(course, assignment, student, name, sources[name], icells[name],
-                                     references[name], limits)
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except Exception as error:  # noqa: BLE001 — one notebook's failure never stops the batch
-                row = Row(student, name, 0.0, 0.0, reasons=[f"internal error, graded 0: {type(error).__name__}: {error}"])
+            job, key, path = reference_job(course, assignment, name, sources[name], icells[name])
+            references[name] = None if refresh_reference else cached_reference(path, key)
+            if references[name] is None:
+                pending[runner.submit(execute_job, job, limits, modules)] = (name, job, key, path)
+        for future in runner.as_completed(list(pending)):
+            name, job, key, path = pending[future]
+            references[name] = store_reference(name, sources[name], icells[name], job, key, path, future.result())
+        contexts = {name: runner.share({"source": nbformat.writes(sources[name]), "icells": icells[name],
+                                        "reference": references[name], "modules": modules})
+                    for name in notebooks}
+        keys_only = {name: {"reference": {"key": references[name]["key"]}} for name in notebooks}
+        ledger = {} if force else _ledger(course, assignment)
+        graded = gradebook.graded_notebooks(course.db_url, assignment)
+        tasks, futures = [], {}
+        for student in students:
+            for name in notebooks:
+                task = read_task(course, assignment, student, name)
+                key = _task_key(task, keys_only[name], limits)
+                entry = ledger.get((student, name))
+                if entry is not None and entry.get("key") == key and (student, name) in graded \
+                        and (course.autograded(student, assignment) / f"{name}.ipynb").is_file():
+                    rows[(student, name)] = Row(**entry["row"])
+                    continue
+                tasks.append((task, key))
+        skipped = len(rows)
+        write = echo or (lambda line: tqdm.write(line))
+        if skipped:
+            write(f"{skipped} notebook(s) already graded from the same submission: skipped (--force grades them again)")
+        for task, key in tasks:
+            futures[runner.submit(grade_task, task, contexts[task["notebook"]], limits)] = (task, key)
+        bar = tqdm(total=len(tasks), unit="notebook", desc=f"grading {assignment}", dynamic_ncols=True,
+                   disable=None if progress is None else not progress)  # None: shown on a terminal only
+        failures = 0
+        course.ledgers.mkdir(parents=True, exist_ok=True)
+        with open(course.ledgers / f"{assignment}.jsonl", "a") as ledger_file:
+            for future in runner.as_completed(list(futures)):
+                task, key = futures.pop(future)
+                student, name = task["student"], task["notebook"]
                 try:
-                    rebuilt = rebuild(sources[name], None, icells[name])
-                    _compose(rebuilt, {}, {i: Verdict(False, row.reasons[0]) for i, role in
-                                           enumerate(rebuilt.roles) if role == "test"})
-                    gradebook.save(course.db_url, assignment, student, name, rebuilt.nb,
-                                   course.autograded(student, assignment), None)
-                except Exception as again:  # noqa: BLE001
-                    row.reasons.append(f"and the gradebook could not be written: {again}")
-            rows.append(row)
-            echo(f"{student}/{name}: {row.score:g}/{row.max_score:g} in {row.seconds:.1f} s"
-                 + (f" — {row.reason[:200]}" if row.reasons else ""))
-    path = write_csv(rows, report or course.root / "reports" / f"{assignment}.csv")
-    echo("\n" + format_table(rows) + f"\n\nreport written to {path}")
-    return rows
+                    result = future.result()
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except Exception as error:  # noqa: BLE001 — one notebook's failure never stops the batch
+                    result = _failed_result(task, {"source": nbformat.writes(sources[name]), "icells": icells[name]},
+                                            f"internal error, graded 0: {type(error).__name__}: {error}")
+                row = Row(**result["row"])
+                try:
+                    nb = nbformat.reads(result["autograded"], as_version=4)
+                    folder = course.submitted(student, assignment)
+                    autograded = course.autograded(student, assignment)
+                    stamp = gradebook.copy_timestamp(folder, autograded) if folder.is_dir() and not folder.is_symlink() else None
+                    gradebook.save(course.db_url, assignment, student, name, nb, autograded, stamp)
+                except Exception as error:  # noqa: BLE001
+                    row.reasons.append(f"and the gradebook could not be written: {type(error).__name__}: {error}")
+                else:
+                    ledger_file.write(json.dumps({"student": student, "notebook": name, "key": key,
+                                                  "row": asdict(row)}) + "\n")
+                    ledger_file.flush()
+                rows[(student, name)] = row
+                failures += row.score < row.max_score
+                bar.update()
+                bar.set_postfix_str(f"{failures} lost points", refresh=False)
+                write(f"{student}/{name}: {row.score:g}/{row.max_score:g} in {row.seconds:.1f} s"
+                      + (f" — {row.reason[:200]}" if row.reasons else ""))
+    except KeyboardInterrupt:
+        interrupted = True
+    else:
+        interrupted = False
+    finally:
+        if bar is not None:
+            bar.close()
+        runner.close(cancel=sys.exc_info()[0] is not None)
+    if interrupted:
+        raise SystemExit(f"interrupted: {len(rows)} notebook(s) graded and saved; run the same command again "
+                         "to grade the rest")
+    ordered = [rows[(s, n)] for s in students for n in notebooks if (s, n) in rows]
+    path = write_csv(ordered, report or course.root / "reports" / f"{assignment}.csv")
+    (echo or print)("\n" + format_table(ordered) + f"\n\nreport written to {path}")
+    return ordered

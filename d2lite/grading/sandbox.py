@@ -1,11 +1,13 @@
-"""The one place that talks to the OS: a bubblewrap sandbox per notebook, in its own cgroup."""
+"""The one place that talks to the OS: a warm bubblewrap sandbox per worker, a fresh child and cgroup per notebook."""
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Limits", "Outcome", "SandboxUnavailable", "check_features", "run"]
+__all__ = ["Limits", "Outcome", "SandboxUnavailable", "Warm", "check_features"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GiB = 1 << 30
@@ -78,7 +80,7 @@ def check_features() -> None:
     except KeyError:
         missing.append("the user `nobody`")
     if not missing:
-        probe = subprocess.run(_bwrap_args([], Path("/"), {}) + ["/bin/true"], capture_output=True,
+        probe = subprocess.run(_bwrap_args([], {}) + ["/bin/true"], capture_output=True,
                                timeout=30)
         if probe.returncode != 0:
             missing.append("mount, PID, network, IPC and UTS namespaces (bwrap said: "
@@ -88,16 +90,39 @@ def check_features() -> None:
                                  + ". It refuses to run student code unprotected.")
 
 
+def remove_stale_cgroups() -> int:
+    """Remove the empty cgroups a killed grader left behind (``d2lite-<pid>-…`` of a pid that is gone)."""
+    removed = 0
+    for controller in _cgroup_dirs():
+        if not controller.is_dir():
+            continue
+        for path in controller.glob("d2lite-*-*"):
+            try:
+                pid = int(path.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if pid == os.getpid() or Path(f"/proc/{pid}").exists():
+                continue
+            try:
+                if not (path / "cgroup.procs").read_text().split():
+                    path.rmdir()
+                    removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def _nobody() -> tuple[int, int]:
     entry = pwd.getpwnam("nobody")
     return entry.pw_uid, entry.pw_gid
 
 
-def _bwrap_args(ro_binds: list[Path], submission: Path, env: dict[str, str],
-                disk: int = 64 << 20) -> list[str]:
+def _bwrap_args(ro_binds: list[Path], env: dict[str, str], disk: int = 64 << 20,
+                drop: bool = True) -> list[str]:
     uid, gid = _nobody()
     # bwrap runs as root (no user namespace, so `nobody` inside is the real `nobody` outside) and
-    # keeps only CAP_SETUID/SETGID for setpriv, which drops to `nobody` with no capabilities left
+    # keeps only CAP_SETUID/SETGID: for setpriv (drop=True), which drops to `nobody` with no
+    # capabilities left, or for the fork server, whose children drop to `nobody` themselves
     args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
             "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
@@ -119,9 +144,11 @@ def _bwrap_args(ro_binds: list[Path], submission: Path, env: dict[str, str],
                     seen.add(str(parent))
                     args += ["--perms", "0755", "--dir", str(parent)]
             args += ["--ro-bind", str(path), str(path)]
-    args += ["--ro-bind", str(submission), "/submission", "--chdir", "/home/student"]
+    args += ["--chdir", "/home/student"]
     for key, value in env.items():
         args += ["--setenv", key, value]
+    if not drop:
+        return args + ["--"]
     return args + ["--", "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
@@ -129,7 +156,7 @@ def _bwrap_args(ro_binds: list[Path], submission: Path, env: dict[str, str],
 class _Cgroup:
     """A memory + pids cgroup (v1) for one sandbox; everything in it is killed at the end."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, processes: int | None) -> None:
         name = f"d2lite-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         memory, pids = _cgroup_dirs()
         self.memory, self.pids = memory / name, pids / name
@@ -142,12 +169,21 @@ class _Cgroup:
                 memsw.write_text(str(limits.memory))
             except OSError:
                 pass
-        (self.pids / "pids.max").write_text(str(limits.processes))
+        move = self.memory / "memory.move_charge_at_immigrate"
+        if move.exists():  # the fork server's pages stay charged to its own cgroup
+            move.write_text("0")
+        self.set_processes(processes)
 
-    def join(self) -> None:  # in the child, before exec
-        pid = str(os.getpid())
-        (self.memory / "cgroup.procs").write_text(pid)
-        (self.pids / "cgroup.procs").write_text(pid)
+    def set_processes(self, processes: int | None) -> None:
+        (self.pids / "pids.max").write_text("max" if processes is None else str(processes))
+
+    def adopt(self, pid: int) -> None:
+        """Move process ``pid`` (all its threads) into this cgroup."""
+        (self.memory / "cgroup.procs").write_text(str(pid))
+        (self.pids / "cgroup.procs").write_text(str(pid))
+
+    def join(self) -> None:  # in a child of ours, before exec
+        self.adopt(os.getpid())
 
     def procs(self) -> list[int]:
         try:
@@ -214,80 +250,177 @@ def _reader(stream, cap: int, keep: int, sink: dict, on_over) -> None:
     stream.close()
 
 
-def run(command: list[str], stdin: bytes, *, submission: Path, ro_binds: list[Path],
-        env: dict[str, str], limits: Limits = Limits()) -> Outcome:
-    """Run ``command`` in a fresh sandbox and return its records (what it wrote to the fd named by $D2LITE_RECORDS_FD) and output.
+class Warm:
+    """A warm sandbox: one bubblewrap sandbox holding a fork server (zygote.py) with torch, d2lite
+    and the data set loaded, from which each notebook starts as a fresh child in a cgroup of its own.
 
-    The sandbox sees /usr, the paths in ``ro_binds`` (read-only), ``submission`` at /submission
-    (read-only) and a private tmpfs home (cwd) of ``limits.disk`` bytes; it has its own PID, mount,
-    network (loopback only), IPC, UTS and user namespaces, runs as `nobody` without capabilities, in a
-    cgroup capped at ``limits.memory`` bytes and ``limits.processes`` tasks. Everything it started is
-    killed when it ends, times out or exceeds a cap.
+    The server runs as root inside the sandbox with only CAP_SETUID/CAP_SETGID (to drop each child
+    to `nobody`) and never runs student code; it is in a cgroup of its own, capped like a notebook.
+    One notebook at a time; use one Warm per worker thread.
     """
-    cgroup = _Cgroup(limits)
-    records_r, records_w = os.pipe()
-    killed: list[str] = []
-    proc = None
 
-    def child() -> None:
-        cgroup.join()
-        for res, value in ((resource.RLIMIT_CPU, limits.cpu), (resource.RLIMIT_FSIZE, limits.file_size),
-                           (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 1024)):
-            resource.setrlimit(res, (value, value))
+    def __init__(self, ro_binds: list[Path], env: dict[str, str], limits: Limits = Limits(),
+                 modules: list[str] = (), start_timeout: float = 180.0) -> None:
+        self.limits = limits
+        self.cgroup = _Cgroup(limits, processes=max(limits.processes, 256))
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.log = b""
+        self.proc = None
+        try:
+            uid, gid = _nobody()
+            env = {**env, "D2LITE_ZYGOTE_FD": str(theirs.fileno())}
+            self.proc = subprocess.Popen(
+                _bwrap_args(ro_binds, env, limits.disk, drop=False)
+                + [sys.executable, "-I", "-m", "d2lite.grading.zygote"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                preexec_fn=self.cgroup.join, pass_fds=(theirs.fileno(),), close_fds=True)
+            theirs.close()
+            threading.Thread(target=self._drain, daemon=True).start()
+            self.sock.sendall(json.dumps({"uid": uid, "gid": gid, "cpu": limits.cpu,
+                                          "file_size": limits.file_size,
+                                          "modules": sorted(modules)}).encode() + b"\n")
+            self.sock.settimeout(start_timeout)
+            self._buffer = b""
+            ready = self._receive().get("ready")
+            self.pid = self._host_pid(ready)
+        except BaseException:
+            self.close()
+            raise
 
-    start = time.monotonic()
-    try:
-        env = {**env, "D2LITE_RECORDS_FD": str(records_w)}
-        proc = subprocess.Popen(_bwrap_args(ro_binds, submission, env, limits.disk) + command,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                preexec_fn=child, pass_fds=(records_w,), close_fds=True)
-        os.close(records_w)
-        records_w = -1
+    def _drain(self) -> None:  # the server's own diagnostics, kept (bounded) for error messages
+        for line in iter(self.proc.stdout.readline, b""):
+            self.log = (self.log + line)[-8192:]
 
-        def over(what):
-            def kill():
-                killed.append(what)
+    def _receive(self) -> dict:
+        while b"\n" not in self._buffer:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise SandboxUnavailable("the warm sandbox's server ended: "
+                                         + self.log.decode(errors="replace")[-2000:])
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _host_pid(self, inner: int) -> int:
+        """The server's pid as the host sees it (it reported the one of its PID namespace)."""
+        for pid in self.cgroup.procs():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+            if len(nspid) == 2 and int(nspid[1]) == inner:
+                return pid
+        raise SandboxUnavailable(f"the warm sandbox's server (pid {inner} inside) is not in its cgroup")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def run(self, stdin: bytes, limits: Limits | None = None) -> Outcome:
+        """Run one notebook: ``stdin`` is the worker's job; the child writes records to fd 3
+        ($D2LITE_RECORDS_FD). Everything the child started is killed when it ends, times out or
+        exceeds a cap, before this returns."""
+        limits = limits or self.limits
+        cgroup = _Cgroup(limits, processes=None)
+        ours, theirs = [], []
+        killed: list[str] = []
+        start = time.monotonic()
+        try:
+            for child_end in ("r", "w", "w"):  # the child's stdin, stdout+stderr, records
+                r, w = os.pipe()
+                theirs.append(r if child_end == "r" else w)
+                ours.append(w if child_end == "r" else r)
+            cgroup.adopt(self.pid)  # the server forks inside the notebook's cgroup, then leaves it
+            try:
+                self.sock.settimeout(60)
+                socket.send_fds(self.sock, [b"F"], theirs)
+                forked = self._receive()
+            finally:
+                self.cgroup.adopt(self.pid)
+            for fd in theirs:
+                os.close(fd)
+            theirs = []
+            if "forked" not in forked:
+                raise SandboxUnavailable(f"the warm sandbox did not fork: {forked}")
+            cgroup.set_processes(limits.processes)
+
+            def over(what):
+                def kill():
+                    killed.append(what)
+                    cgroup.kill_all()
+                return kill
+
+            out_sink, rec_sink = {}, {}
+            job, out, rec = (os.fdopen(fd, mode) for fd, mode in zip(ours, ("wb", "rb", "rb")))
+            ours = []
+            readers = [threading.Thread(target=_reader, args=(out, limits.output, 1 << 20, out_sink,
+                                                               over("output")), daemon=True),
+                       threading.Thread(target=_reader, args=(rec, limits.records, limits.records,
+                                                               rec_sink, over("records")), daemon=True)]
+            for t in readers:
+                t.start()
+
+            def feed():
+                try:
+                    job.write(stdin)
+                except (BrokenPipeError, OSError):
+                    pass
+                finally:
+                    try:
+                        job.close()
+                    except OSError:
+                        pass
+            threading.Thread(target=feed, daemon=True).start()
+            returncode = None
+            self.sock.settimeout(limits.wall)
+            try:
+                returncode = self._receive().get("exit")
+            except (TimeoutError, socket.timeout):
+                killed.append("timeout")
                 cgroup.kill_all()
-            return kill
+                self.sock.settimeout(30)
+                returncode = self._receive().get("exit")
+            leftover = cgroup.kill_all()
+            for t in readers:
+                t.join(timeout=10)
+            seconds = time.monotonic() - start
+            if not killed and cgroup.oom_killed() and returncode != 0:
+                killed.append("memory")
+            return Outcome(returncode=returncode, records=rec_sink.get("data", b""),
+                           output=out_sink.get("data", b""), output_bytes=out_sink.get("total", 0),
+                           seconds=seconds, peak_memory=cgroup.peak(), killed=killed[0] if killed else None,
+                           leftover=leftover)
+        except (OSError, ValueError, SandboxUnavailable) as error:
+            self.close()  # a server that lost track is never reused; the caller starts another
+            cgroup.kill_all()
+            return Outcome(returncode=None, records=b"", output=f"the warm sandbox failed: {error}".encode(),
+                           output_bytes=0, seconds=time.monotonic() - start, peak_memory=cgroup.peak(),
+                           notes=[f"the warm sandbox failed: {error}"])
+        finally:
+            for fd in ours + theirs:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            cgroup.kill_all()
+            cgroup.remove()
 
-        out_sink, rec_sink = {}, {}
-        readers = [threading.Thread(target=_reader, args=(proc.stdout, limits.output, 1 << 20, out_sink,
-                                                           over("output")), daemon=True),
-                   threading.Thread(target=_reader, args=(os.fdopen(records_r, "rb"), limits.records,
-                                                           limits.records, rec_sink, over("records")),
-                                    daemon=True)]
-        for t in readers:
-            t.start()
+    def close(self) -> None:
         try:
-            proc.stdin.write(stdin)
-            proc.stdin.close()
-        except BrokenPipeError:
+            self.sock.close()
+        except OSError:
             pass
-        try:
-            proc.wait(timeout=limits.wall)
-        except subprocess.TimeoutExpired:
-            killed.append("timeout")
-        leftover = cgroup.kill_all()
-        proc.wait()
-        for t in readers:
-            t.join(timeout=10)
-        seconds = time.monotonic() - start
-        if not killed and cgroup.oom_killed() and proc.returncode != 0:
-            killed.append("memory")
-        return Outcome(returncode=proc.returncode, records=rec_sink.get("data", b""),
-                       output=out_sink.get("data", b""), output_bytes=out_sink.get("total", 0),
-                       seconds=seconds, peak_memory=cgroup.peak(), killed=killed[0] if killed else None,
-                       leftover=leftover)
-    finally:
-        if records_w >= 0:
-            os.close(records_w)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        cgroup.kill_all()
-        cgroup.remove()
+        self.cgroup.kill_all()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+        self.cgroup.kill_all()
+        self.cgroup.remove()
 
+    def __enter__(self) -> "Warm":
+        return self
 
-def python_command() -> list[str]:
-    """The interpreter (the grader's own, isolated mode) and the in-sandbox worker module."""
-    return [sys.executable, "-I", "-m", "d2lite.grading.worker"]
+    def __exit__(self, *exc) -> None:
+        self.close()

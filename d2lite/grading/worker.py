@@ -1,15 +1,16 @@
 """Inside the sandbox: run one rebuilt notebook's cells in an IPython shell and write the probes' records.
 
-Reads the job (JSON) from stdin; writes one JSON line per event to the file descriptor named by $D2LITE_RECORDS_FD: ``cell_start``,
+Runs in a fresh fork of the warm server (zygote.py), as `nobody`. Reads the job (JSON: the cells and
+the submission's own files) from stdin and writes one JSON line per event to the file descriptor named by $D2LITE_RECORDS_FD: ``cell_start``,
 the probes' records, ``cell_end`` (ok, the error, the cell's captured output), ``done``. Nothing
 here is trusted by the grader: it only carries data out.
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
-import shutil
 import sys
 import traceback
 
@@ -44,12 +45,13 @@ def main() -> int:
 
     job = json.loads(sys.stdin.read())
     sys.stdin = open(os.devnull)
-    for name in os.listdir("/submission"):
-        src = os.path.join("/submission", name)
-        if os.path.isdir(src) and not os.path.islink(src):
-            shutil.copytree(src, name, symlinks=True)
-        elif os.path.isfile(src) and not os.path.islink(src):
-            shutil.copy(src, name)
+    for rel, data in job.get("files", {}).items():
+        path = os.path.normpath(rel)
+        if path.startswith(("/", "..")):  # the grader sends relative paths only; never write outside home
+            continue
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(base64.b64decode(data))
     sys.path.append(os.getcwd())  # the student's own modules, after the library's
 
     import torch
