@@ -417,6 +417,22 @@ class LocalWorkers:
         self.workers = workers
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d2lite-grade")
 
+    def prewarm(self, limits: sandbox.Limits, modules: list[str]) -> None:
+        """Start every worker's warm sandbox now, while the coordinator reads the course."""
+        barrier = threading.Barrier(self.workers)
+
+        def start():
+            try:
+                barrier.wait(timeout=10)  # one start per worker thread
+            except threading.BrokenBarrierError:
+                pass
+            try:
+                _warm(limits, modules)
+            except Exception:  # noqa: BLE001 — the first task reports it
+                pass
+        for _ in range(self.workers):
+            self.pool.submit(start)
+
     def share(self, value):
         return value
 
@@ -451,6 +467,9 @@ class DaskWorkers:
             raise SystemExit(f"cannot reach the Dask scheduler at {address}: {error}") from None
         self.workers = max(1, sum(self.client.nthreads().values()))
 
+    def prewarm(self, limits: sandbox.Limits, modules: list[str]) -> None:
+        pass  # each Dask worker thread starts its own on its first task, and keeps it between runs
+
     def share(self, value):
         return self.client.scatter(value, broadcast=True, hash=False)
 
@@ -484,8 +503,9 @@ def _ledger(course: Course, assignment: str) -> dict[tuple[str, str], dict]:
     return entries
 
 
-def _task_key(task: dict, context: dict, limits: sandbox.Limits) -> str:
-    body = json.dumps([CACHE_VERSION, task, context["reference"]["key"], asdict(limits)], sort_keys=True)
+def _task_key(task: dict, reference_key: str, limits: sandbox.Limits) -> str:
+    """What a ledger entry is valid for: the same submission, reference and caps."""
+    body = json.dumps([CACHE_VERSION, task, reference_key, asdict(limits)], sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -532,39 +552,43 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
     students = students or known
     sources = {name: nbformat.read(str(course.source(assignment) / f"{name}.ipynb"), as_version=4)
                for name in notebooks}
-    icells = {name: gradebook.instructor_cells(course.db_url, assignment, name) for name in notebooks}
     modules = imported_modules(sources.values())
     runner = DaskWorkers(scheduler) if scheduler else LocalWorkers(workers or _default_workers())
     rows: dict[tuple[str, str], Row] = {}
     bar = None
     try:
-        # the reference solutions first (cached until solutions/, d2lite or torch change)
-        references, pending = {}, {}
+        icells = {name: gradebook.instructor_cells(course.db_url, assignment, name) for name in notebooks}
+        # the reference solutions' records (cached until solutions/, d2lite or torch change)
+        references, missing = {}, {}
         for name in notebooks:
             job, key, path = reference_job(course, assignment, name, sources[name], icells[name])
             references[name] = None if refresh_reference else cached_reference(path, key)
             if references[name] is None:
-                pending[runner.submit(execute_job, job, limits, modules)] = (name, job, key, path)
-        for future in runner.as_completed(list(pending)):
-            name, job, key, path = pending[future]
-            references[name] = store_reference(name, sources[name], icells[name], job, key, path, future.result())
-        contexts = {name: runner.share({"source": nbformat.writes(sources[name]), "icells": icells[name],
-                                        "reference": references[name], "modules": modules})
-                    for name in notebooks}
-        keys_only = {name: {"reference": {"key": references[name]["key"]}} for name in notebooks}
+                missing[name] = (job, key, path)
         ledger = {} if force else _ledger(course, assignment)
         graded = gradebook.graded_notebooks(course.db_url, assignment)
-        tasks, futures = [], {}
+        tasks = []
         for student in students:
             for name in notebooks:
                 task = read_task(course, assignment, student, name)
-                key = _task_key(task, keys_only[name], limits)
+                key = _task_key(task, (references[name] or {}).get("key") or missing[name][1], limits)
                 entry = ledger.get((student, name))
                 if entry is not None and entry.get("key") == key and (student, name) in graded \
                         and (course.autograded(student, assignment) / f"{name}.ipynb").is_file():
                     rows[(student, name)] = Row(**entry["row"])
                     continue
                 tasks.append((task, key))
+        if missing or tasks:
+            runner.prewarm(limits, modules)
+        pending = {runner.submit(execute_job, job, limits, modules): (name, job, key, path)
+                   for name, (job, key, path) in missing.items()}
+        for future in runner.as_completed(list(pending)):
+            name, job, key, path = pending[future]
+            references[name] = store_reference(name, sources[name], icells[name], job, key, path, future.result())
+        contexts = {name: runner.share({"source": nbformat.writes(sources[name]), "icells": icells[name],
+                                        "reference": references[name], "modules": modules})
+                    for name in notebooks}
+        futures = {}
         skipped = len(rows)
         write = echo or (lambda line: tqdm.write(line))
         if skipped:
