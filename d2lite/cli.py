@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     grd.add_argument("assignment", help="the assignment, e.g. batch_norm")
     grd.add_argument("--student", action="append", default=[], metavar="ID",
                      help="grade only this student (repeatable; default: everyone in submitted/)")
+    grd.add_argument("--notebook", action="append", default=[], metavar="NAME",
+                     help="grade only this notebook, e.g. 00_from_scratch (repeatable; default: all)")
     grd.add_argument("--course", default=".", help="the nbgrader course directory (default: here)")
     grd.add_argument("--memory", type=_size, default="4G", help="memory cap per notebook (default 4G)")
     grd.add_argument("--timeout", type=_positive_int, default=300,
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "cluster's size is its workers' threads)")
             grade(Path(args.course), args.assignment, args.student or None, limits,
                   args.refresh_reference, Path(args.report) if args.report else None,
-                  workers=args.workers, scheduler=args.scheduler, force=args.force, progress=args.progress)
+                  notebooks=args.notebook or None, workers=args.workers, scheduler=args.scheduler,
+                  force=args.force, progress=args.progress)
         except SandboxUnavailable as error:
             raise SystemExit(f"d2lite grade: {error}") from None
         return 0

@@ -275,7 +275,7 @@ def test_regrading_is_idempotent(graded):
     root = graded["root"]
     before = _gradebook_scores(root, "mistake_eps_forgotten")
     rows = grade(root, ASSIGNMENT, students=["mistake_eps_forgotten"], limits=LIMITS, notebooks=[NB],
-                 echo=lambda *a: None)
+                 echo=lambda *a: None, force=True)
     assert [r.score for r in rows] == [FULL - 1]
     assert _gradebook_scores(root, "mistake_eps_forgotten") == before
     with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:

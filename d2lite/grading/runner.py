@@ -471,7 +471,8 @@ class DaskWorkers:
         pass  # each Dask worker thread starts its own on its first task, and keeps it between runs
 
     def share(self, value):
-        return self.client.scatter(value, broadcast=True, hash=False)
+        # in a list: a dict given to scatter itself would be read as {key: data}
+        return self.client.scatter([value], broadcast=True, hash=False)[0]
 
     def submit(self, fn, *args):
         return self.client.submit(fn, *args, pure=False)
