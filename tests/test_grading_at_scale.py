@@ -3,7 +3,9 @@
 start that leaks nothing from one student to the next."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,8 +158,6 @@ def test_killing_a_dask_worker_mid_run_loses_nothing(serial, tmp_path_factory, e
             procs.append(subprocess.Popen([str(bindir / "dask"), "worker", "--scheduler-file", str(scheduler_file),
                                            "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        import json
-
         from distributed import Client
         address = json.loads(scheduler_file.read_text())["address"]
         with Client(address, timeout=60) as client:
@@ -194,9 +194,16 @@ def _cli(root: Path, *args: str) -> subprocess.Popen:
                             env={**os.environ, **nbgrader_env()})
 
 
+RESUMED = ["honest", "mistake_eps_forgotten", "mistake_wrong_axes", "patch_d2lite_assert_close", "corrupt_json",
+           "orphan_processes", "library_in_default_argument"]
+
+
 def test_interrupted_and_killed_runs_resume_without_double_or_missing_entries(serial, tmp_path_factory, env):
-    root = _fresh_course(tmp_path_factory, "resume")
-    total = len(KINDS) * 2
+    root = tmp_path_factory.mktemp("resume")
+    new_course(root, tmp_path_factory.mktemp("resume-exchange"))
+    for kind in RESUMED:
+        _submit(root, kind, CASES[kind][0])
+    total = len(RESUMED) * 2
     caps = ["--timeout", "15", "--memory", "2G", "--cpu", "60", "--workers", "1"]
     # 1: Ctrl-C (SIGINT) after two notebooks
     run = _cli(root, *caps)
@@ -218,11 +225,11 @@ def test_interrupted_and_killed_runs_resume_without_double_or_missing_entries(se
     out, err = run.communicate(timeout=1800)
     assert run.returncode == 0, err[-3000:]
     assert f"{second} notebook(s) already graded" in out + err
-    graded_now = sum(1 for line in out.splitlines() if line.count("/") == 1 and " in " in line and ": " in line)
+    graded_now = len(re.findall(r"^[\w-]+/[\w-]+: [\d.]+/[\d.]+ in ", out, flags=re.M))
     assert graded_now == total - second, out[-3000:]
     book = _gradebook(root)
-    assert book["counts"] == {s: 1 for s in KINDS}
-    assert book["scores"] == serial[2]["scores"]
+    assert book["counts"] == {s: 1 for s in RESUMED}
+    assert book["scores"] == {k: v for k, v in serial[2]["scores"].items() if k[0] in RESUMED}
     leftover = [p for p in Path("/sys/fs/cgroup/pids").glob("d2lite-*") if not (p / "cgroup.procs").read_text().split()
                 and not Path(f"/proc/{p.name.split('-')[1]}").exists()]
     assert leftover == [], f"cgroups of killed runs were not cleaned up: {leftover}"
@@ -230,7 +237,7 @@ def test_interrupted_and_killed_runs_resume_without_double_or_missing_entries(se
     run = _cli(root, *caps, "--student", "honest", "--force")
     out, err = run.communicate(timeout=600)
     assert run.returncode == 0, err[-3000:]
-    assert _gradebook(root)["counts"] == {s: 1 for s in KINDS}
+    assert _gradebook(root)["counts"] == {s: 1 for s in RESUMED}
 
 
 def test_the_warm_start_leaks_nothing_to_the_next_student(tmp_path_factory, env):
