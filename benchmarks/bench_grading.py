@@ -1,14 +1,23 @@
-"""One complete honest submission of the chapter (the ten reference answers), graded side by side
-in one run: `nbgrader autograde` vs `d2lite grade` (reference records cold, then cached).
+"""Grading a class, side by side in one run: `nbgrader autograde` (one complete submission) vs
+`d2lite grade --workers 1`, `--workers 2`, and a local Dask cluster (a `dask scheduler` and two
+`dask worker` processes over 127.0.0.1, started here).
 
-    .venv/bin/python benchmarks/bench_grading.py [--out benchmarks/results]   (as root: the sandbox)
+The class is synthetic: the ten reference notebooks (each answer with a comment of its own, so
+that it runs rather than reusing the reference's records), and one student in six for each of
+the five mistakes of tests/test_grading.py in 00_from_scratch.
+
+    .venv/bin/python benchmarks/bench_grading.py [--students 20] [--serial-students 8] [--out benchmarks/results]
+    (as root: the sandbox; D2LITE_DATA pointing at the data set)
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,61 +25,173 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ASSIGNMENT = "batch_norm"
 
 
-def _course(tmp: Path, env: dict) -> Path:
+def _mistakes() -> dict[str, str]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_grading import MISTAKES
+
+    return {name: source for name, (source, _, _) in MISTAKES.items()}
+
+
+def _course(tmp: Path, env: dict, students: int) -> tuple[Path, list[str]]:
+    import nbformat
+
     root = tmp / "course"
     shutil.copytree(ROOT / "solutions", root / "solutions")
     shutil.copy(ROOT / "nbgrader_config.py", root)
-    subprocess.run([str(Path(sys.executable).parent / "nbgrader"), "generate_assignment", "batch_norm", "--force"],
+    subprocess.run([str(BIN / "nbgrader"), "generate_assignment", ASSIGNMENT, "--force"],
                    cwd=root, check=True, capture_output=True, env=env)
-    import nbformat
-
-    # an honest student's answers: the reference's, each with a comment of its own (a submission
-    # identical to the reference would reuse the reference's records and measure nothing)
-    for student in ("nbgrader_student", "d2lite_student"):
-        folder = root / "submitted" / student / "batch_norm"
+    mistakes = list(_mistakes().items())
+    names = []
+    for i in range(students + 1):  # student 0 is graded by nbgrader, the others by d2lite grade
+        k = (i - 1) % 6  # s001 honest, then one student for each mistake, and again
+        kind = "honest" if i == 0 or k == 0 else mistakes[k - 1][0]
+        name = "nbgrader_student" if i == 0 else f"s{i:03d}_{kind}"
+        folder = root / "submitted" / name / ASSIGNMENT
         folder.mkdir(parents=True)
-        for path in sorted((root / "solutions" / "batch_norm").glob("*.ipynb")):
+        for path in sorted((root / "solutions" / ASSIGNMENT).glob("*.ipynb")):
             nb = nbformat.read(str(path), as_version=4)
             for cell in nb.cells:
-                if cell.cell_type == "code" and cell.metadata.get("nbgrader", {}).get("solution"):
-                    cell.source += "\n# my answer"
+                meta = cell.metadata.get("nbgrader", {})
+                if cell.cell_type == "code" and meta.get("solution"):
+                    if kind != "honest" and meta.get("grade_id") == "batch_norm_impl":
+                        cell.source = dict(mistakes)[kind]
+                    cell.source += f"\n# {name}'s answer"
             nbformat.write(nb, str(folder / path.name))
-    return root
+        if i:
+            names.append(name)
+    return root, names
+
+
+def _run(label: str, cmd: list[str], root: Path, env: dict) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        print(result.stdout[-3000:], result.stderr[-3000:])
+        raise SystemExit(f"{label} failed")
+    print(f"{label}: {seconds:.1f} s", flush=True)
+    return seconds
+
+
+def _report(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def _scores(rows: list[dict]) -> dict:
+    return {(r["student"], r["notebook"]): float(r["score"]) for r in rows}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def _dask_cluster(env: dict, tmp: Path):
+    scheduler_file = tmp / "scheduler.json"
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(scheduler_file)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("the Dask scheduler did not start")
+        time.sleep(0.2)
+    for _ in range(2):
+        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", "--scheduler-file", str(scheduler_file),
+                                       "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    address = json.loads(scheduler_file.read_text())["address"]
+    from distributed import Client
+
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=120)
+    return address, procs
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--students", type=int, default=20, help="the class graded with --workers 2 and on Dask")
+    parser.add_argument("--serial-students", type=int, default=8, help="how many of them --workers 1 grades")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(os.environ, PATH=str(BIN) + os.pathsep + os.environ.get("PATH", ""))
     with tempfile.TemporaryDirectory() as tmp:
-        root = _course(Path(tmp), env)
-        d2lite = [str(Path(sys.executable).parent / "d2lite"), "grade", "batch_norm", "--student", "d2lite_student"]
-        timings = {}
-        for label, cmd in (("nbgrader autograde", [str(Path(sys.executable).parent / "nbgrader"), "autograde",
-                                                   "batch_norm", "--student", "nbgrader_student", "--force"]),
-                           ("d2lite grade, reference records computed (first run)", d2lite),
-                           ("d2lite grade, reference records cached", d2lite)):
-            start = time.perf_counter()
-            result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-            timings[label] = time.perf_counter() - start
-            if result.returncode:
-                print(result.stdout[-3000:], result.stderr[-3000:])
-                raise SystemExit(f"{label} failed")
-            print(f"{label}: {timings[label]:.1f} s", flush=True)
+        root, students = _course(Path(tmp), env, args.students)
+        grade = [str(BIN / "d2lite"), "grade", ASSIGNMENT, "--no-progress"]
+        nbgrader = _run("nbgrader autograde, one submission", [str(BIN / "nbgrader"), "autograde", ASSIGNMENT,
+                                                               "--student", "nbgrader_student", "--force"], root, env)
+        nb_scores = {}
+        from nbgrader.api import Gradebook
+        with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
+            for nb in gb.find_submission(ASSIGNMENT, "nbgrader_student").notebooks:
+                nb_scores[nb.name] = nb.score
+        single = [*grade, "--student", students[0], "--workers", "2"]
+        cold = _run("d2lite grade --workers 2, one submission, reference records computed", single, root, env)
+        warm_single = _run("d2lite grade --workers 2, one submission, cached", [*single, "--force"], root, env)
+        serial_students = [a for s in students[: args.serial_students] for a in ("--student", s)]
+        w1 = _run(f"d2lite grade --workers 1, {args.serial_students} submissions",
+                  [*grade, *serial_students, "--workers", "1", "--force", "--report", "reports/w1.csv"], root, env)
+        w2 = _run(f"d2lite grade --workers 2, {len(students)} submissions",
+                  [*grade, "--workers", "2", "--force", "--report", "reports/w2.csv"], root, env)
+        address, procs = _dask_cluster(env, Path(tmp))
+        try:
+            dask = _run(f"d2lite grade on Dask (2 workers), {len(students)} submissions",
+                        [*grade, "--scheduler", address, "--force", "--report", "reports/dask.csv"], root, env)
+            dask_again = _run("the same on the Dask cluster's warm workers",
+                              [*grade, "--scheduler", address, "--force", "--report", "reports/dask2.csv"], root, env)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=60)
+        w1_rows, w2_rows = _report(root / "reports/w1.csv"), _report(root / "reports/w2.csv")
+        dask_rows = _report(root / "reports/dask.csv")
+        same_scores = _scores(w2_rows) == _scores(dask_rows) == _scores(_report(root / "reports/dask2.csv")) and all(
+            _scores(w2_rows)[k] == v for k, v in _scores(w1_rows).items())
+        honest = {r["notebook"]: float(r["score"]) for r in w2_rows if r["student"] == students[0]}
+        same_as_nbgrader = honest == nb_scores
+        seconds = [float(r["seconds"]) for r in w2_rows]
+        peak = max(float(r["peak_mib"]) for r in w2_rows)
+        n_nb = len(nb_scores)
     load = os.getloadavg()[0]
-    lines = ["# Grading one complete honest submission (ten notebooks), side by side", "",
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-             f"load average at the end {load:.1f}; `.venv/bin/python benchmarks/bench_grading.py`", "",
-             "| grader | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    per_w1, per_w2, per_dask = w1 / args.serial_students, w2 / len(students), dask / len(students)
+    lines = [
+        "# Grading a class: nbgrader autograde vs d2lite grade, one run", "",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"load average at the end {load:.1f}; `.venv/bin/python benchmarks/bench_grading.py --students "
+        f"{args.students} --serial-students {args.serial_students}`", "",
+        f"A synthetic class of {len(students)} complete submissions ({n_nb} notebooks each): the reference "
+        "answers with a comment, one student in six for each of the five mistakes of tests/test_grading.py.", "",
+        "| grader | submissions | wall seconds | seconds per submission | submissions per hour |",
+        "|---|---|---|---|---|",
+        f"| nbgrader autograde | 1 | {nbgrader:.1f} | {nbgrader:.1f} | {3600 / nbgrader:.0f} |",
+        f"| d2lite grade --workers 2, one submission, reference records computed | 1 | {cold:.1f} | {cold:.1f} | |",
+        f"| d2lite grade --workers 2, one submission | 1 | {warm_single:.1f} | {warm_single:.1f} | {3600 / warm_single:.0f} |",
+        f"| d2lite grade --workers 1 | {args.serial_students} | {w1:.1f} | {per_w1:.1f} | {3600 / per_w1:.0f} |",
+        f"| d2lite grade --workers 2 | {len(students)} | {w2:.1f} | {per_w2:.1f} | {3600 / per_w2:.0f} |",
+        f"| d2lite grade --scheduler (local Dask, 2 workers) | {len(students)} | {dask:.1f} | {per_dask:.1f} | {3600 / per_dask:.0f} |",
+        f"| the same, workers already warm | {len(students)} | {dask_again:.1f} | {dask_again / len(students):.1f} | "
+        f"{3600 * len(students) / dask_again:.0f} |",
+        "",
+        f"- `--workers 2` vs `--workers 1`: {per_w1 / per_w2:.2f}x the throughput; vs nbgrader autograde: "
+        f"{nbgrader / per_w2:.1f}x faster per submission in a class, {nbgrader / warm_single:.1f}x for a single one.",
+        f"- seconds per notebook (--workers 2): p50 {statistics.median(seconds):.1f}, p95 {_percentile(seconds, 0.95):.1f}; "
+        f"peak memory of a sandbox {peak:.0f} MiB (the child's own pages; the warm server's are shared).",
+        f"- Dask adds {dask - w2:+.1f} s over the local run ({(dask - w2) / (len(students) * n_nb):+.2f} s a notebook), "
+        f"{dask_again - w2:+.1f} s once its workers are warm.",
+        f"- scores: identical across --workers 1, --workers 2 and Dask: {same_scores}; the honest submission's "
+        f"per-notebook scores equal nbgrader autograde's: {same_as_nbgrader}.",
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grading.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
+    return 0 if same_scores and same_as_nbgrader else 1
 
 
 if __name__ == "__main__":
