@@ -166,9 +166,15 @@ How a grade is taken:
 
 The sandbox (bubblewrap + cgroup v1) needs: root, `bwrap`, `setpriv`, mount/PID/network/IPC/UTS
 namespaces, the cgroup v1 memory and pids controllers, and the user `nobody`. Without any of them
-the command refuses to run rather than grade unprotected. Each notebook runs as `nobody`, without
+the command refuses to run rather than grade unprotected. Each worker keeps one warm sandbox (torch,
+d2lite and the data set loaded once); each notebook runs in a fresh fork of it as `nobody`, without
 capabilities or network, seeing only /usr, Python, d2lite, the data set (read-only) and a private
 home with the submission's own files; caps: memory, wall clock, CPU time, processes, output.
+
+A class at a time: --workers N notebooks at once (default: one per core), or --scheduler to run
+every (student, notebook) on a Dask cluster whose workers have the same sandbox features; the
+gradebook is written by this process only. A run that is interrupted (Ctrl-C, killed) resumes:
+the next run grades only notebooks not yet graded from the same submission, unless --force.
 
 What a student can still do: anything the policy does not see (e.g. attributes reached through a
 name computed at run time), waste their own notebook's time and memory up to the caps, and read

@@ -405,7 +405,7 @@ def _failed_result(task: dict, context: dict, message: str) -> dict:
     most = sum(float(nbgrader_meta(c).get("points", 0)) for c, role in zip(rebuilt.nb.cells, rebuilt.roles)
                if role == "test")
     row = Row(task["student"], task["notebook"], 0.0, most, reasons=[message])
-    return {"row": asdict(row), "autograded": nbformat.writes(rebuilt.nb), "events": {}}
+    return {"row": asdict(row), "autograded": nbformat.writes(rebuilt.nb), "events": {}, "failed": True}
 
 
 # --- where tasks run: local threads (one warm sandbox each) or a Dask cluster ----------------
@@ -621,9 +621,10 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
                 except Exception as error:  # noqa: BLE001
                     row.reasons.append(f"and the gradebook could not be written: {type(error).__name__}: {error}")
                 else:
-                    ledger_file.write(json.dumps({"student": student, "notebook": name, "key": key,
-                                                  "row": asdict(row)}) + "\n")
-                    ledger_file.flush()
+                    if not result.get("failed"):  # an internal error is graded 0 now and tried again next run
+                        ledger_file.write(json.dumps({"student": student, "notebook": name, "key": key,
+                                                      "row": asdict(row)}) + "\n")
+                        ledger_file.flush()
                 rows[(student, name)] = row
                 failures += row.score < row.max_score
                 bar.update()
