@@ -68,18 +68,23 @@ class Course:
                       and (p / assignment).is_dir() and not (p / assignment).is_symlink())
 
 
+def _code_trees(notebooks):
+    """The parsed code cells of ``notebooks`` (cells that do not parse are skipped)."""
+    for nb in notebooks:
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                try:
+                    yield ast.parse(cell.source)
+                except SyntaxError:
+                    continue
+
+
 def _structure(source_nb, test_sources: list[str]) -> set[str]:
     """The names the notebook's does-the-work-itself tests forbid, read from their forbid_calls(...)."""
     from d2lite.checks import BATCH_NORM_LIBRARY_FUNCTIONS
 
     constants: dict[str, tuple] = {}
-    for cell in source_nb.cells:
-        if cell.cell_type != "code":
-            continue
-        try:
-            tree = ast.parse(cell.source)
-        except SyntaxError:
-            continue
+    for tree in _code_trees([source_nb]):
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                 try:
@@ -161,19 +166,12 @@ def own_files(folder: Path | None) -> dict[str, str]:
 def imported_modules(notebooks) -> list[str]:
     """The top-level modules the (instructor's) notebooks import: the warm server imports them once."""
     names = set()
-    for nb in notebooks:
-        for cell in nb.cells:
-            if cell.cell_type != "code":
-                continue
-            try:
-                tree = ast.parse(cell.source)
-            except SyntaxError:
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Import):
-                    names |= {a.name.split(".")[0] for a in node.names}
-                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-                    names.add(node.module.split(".")[0])
+    for tree in _code_trees(notebooks):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.split(".")[0])
     return sorted(names)
 
 
