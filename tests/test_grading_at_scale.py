@@ -33,7 +33,10 @@ KINDS = ["honest", "mistake_eps_forgotten", "mistake_wrong_axes", "mistake_batch
          "orphan_processes", "library_in_default_argument"]
 LEAK = ("torch.set_grad_enabled(False)\ntorch.set_default_dtype(torch.float64)\ntorch.manual_seed(1234)\n"
         "GLOBAL_LEAK = 42\nopen('leak_module.py', 'w').write('LEAKED = True')\n"
-        "open('/tmp/leak.txt', 'w').write('x')\nos.makedirs('/dev/shm/leak', exist_ok=True)\n")
+        "open('/tmp/leak.txt', 'w').write('x')\nos.makedirs('/dev/shm/leak', exist_ok=True)\n"
+        "os.makedirs('locked/a/b', exist_ok=True)\nos.chmod('locked/a/b', 0)\nos.chmod('locked/a', 0)\n")
+# a tree too deep for the wipe: the server it ran in is replaced before the next notebook
+DEEP = "import os\nfor _ in range(1300):\n    os.mkdir('d')\n    os.chdir('d')\nos.chdir('/home/student')\n"
 OBSERVE = ("import os\ntry:\n    GLOBAL_LEAK\n    leaked_global = True\nexcept NameError:\n    leaked_global = False\n"
            "print('OBSERVED', sorted(os.listdir('.')), os.listdir('/tmp'), os.listdir('/dev/shm'), "
            "torch.get_default_dtype(), torch.is_grad_enabled(), leaked_global, round(torch.rand(1).item(), 6))\n"
@@ -246,17 +249,19 @@ def test_the_warm_start_leaks_nothing_to_the_next_student(tmp_path_factory, env)
     _submit(root, "a_fresh", lambda: _with(CORRECT, suffix="\n" + OBSERVE), fast=False)
     _submit(root, "b_leaker", lambda: _with(CORRECT, prefix="import os\n", suffix="\n" + LEAK), fast=False)
     _submit(root, "c_observer", lambda: _with(CORRECT, suffix="\n" + OBSERVE), fast=False)
+    _submit(root, "d_deep", lambda: _with(CORRECT, suffix="\n" + DEEP), fast=False)
+    _submit(root, "e_observer", lambda: _with(CORRECT, suffix="\n" + OBSERVE), fast=False)
     rows = grade(root, ASSIGNMENT, limits=LIMITS, notebooks=[NB], workers=1, echo=lambda *a: None)
     by = {r.student: r for r in rows}
-    assert by["c_observer"].score == FULL, by["c_observer"].reason
-    assert by["a_fresh"].score == FULL, by["a_fresh"].reason
+    for student in ("a_fresh", "c_observer", "d_deep", "e_observer"):
+        assert by[student].score == FULL, (student, by[student].reason)
     seen = {}
-    for student in ("a_fresh", "c_observer"):
+    for student in ("a_fresh", "c_observer", "e_observer"):
         nb = nbformat.read(str(root / "autograded" / student / ASSIGNMENT / f"{NB}.ipynb"), 4)
         printed = "".join(str(o.get("text", "")) for c in nb.cells for o in c.get("outputs", []))
         seen[student] = next(line for line in printed.splitlines() if line.startswith("OBSERVED"))
         assert "NOT IMPORTED" in printed
     # what the observer saw after the leaker is what a student saw before it: a fresh interpreter
-    assert seen["c_observer"] == seen["a_fresh"]
+    assert seen["c_observer"] == seen["a_fresh"] == seen["e_observer"]
     assert "torch.float32 True False" in seen["c_observer"] and "leak" not in seen["c_observer"]
 

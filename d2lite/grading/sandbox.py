@@ -18,6 +18,7 @@ from pathlib import Path
 __all__ = ["Limits", "Outcome", "SandboxUnavailable", "Warm", "check_features"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+DIRTY = 75  # the child's exit status when it found the private directories not empty after wiping
 GiB = 1 << 30
 
 
@@ -130,7 +131,8 @@ def _bwrap_args(ro_binds: list[Path], env: dict[str, str], disk: int = 64 << 20,
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
             "--ro-bind-try", "/etc/passwd", "/etc/passwd", "--ro-bind-try", "/etc/group", "/etc/group",
             "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
-            "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm",
+            "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(disk), "--tmpfs", "/dev/shm",
+            "--mqueue", "/dev/mqueue",
             "--perms", "1777", "--size", str(disk), "--tmpfs", "/tmp",
             "--perms", "0777", "--size", str(disk), "--tmpfs", "/home/student"]
     seen = set()
@@ -146,8 +148,8 @@ def _bwrap_args(ro_binds: list[Path], env: dict[str, str], disk: int = 64 << 20,
     args += ["--chdir", "/home/student"]
     for key, value in env.items():
         args += ["--setenv", key, value]
-    if not drop:
-        return args + ["--"]
+    if not drop:  # the fork server also empties its children's bounding set (CAP_SETPCAP)
+        return args + ["--cap-add", "CAP_SETPCAP", "--"]
     return args + ["--", "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
@@ -206,8 +208,14 @@ class _Cgroup:
             return 0
 
     def kill_all(self) -> int:
-        """SIGKILL every process in the cgroup until none is left; return how many were found."""
+        """SIGKILL every process in the cgroup until none is left (forking is stopped first, so a
+        fork loop cannot refill it); return how many were found."""
         found = 0
+        if self.procs():
+            try:
+                self.set_processes(0)
+            except OSError:
+                pass
         for _ in range(100):
             procs = self.procs()
             if not procs:
@@ -316,10 +324,12 @@ class Warm:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def run(self, stdin: bytes, limits: Limits | None = None) -> Outcome:
+    def run(self, stdin: bytes, limits: Limits | None = None, mode: bytes = b"F") -> Outcome:
         """Run one notebook: ``stdin`` is the worker's job; the child writes records to fd 3
         ($D2LITE_RECORDS_FD). Everything the child started is killed when it ends, times out or
-        exceeds a cap, before this returns."""
+        exceeds a cap, before this returns; then a cleaning child empties the private directories
+        for the next notebook. A server that cannot be made clean is closed (the caller starts
+        another)."""
         limits = limits or self.limits
         cgroup = _Cgroup(limits, processes=None)
         ours, theirs = [], []
@@ -333,7 +343,7 @@ class Warm:
             cgroup.adopt(self.pid)  # the server forks inside the notebook's cgroup, then leaves it
             try:
                 self.sock.settimeout(60)
-                socket.send_fds(self.sock, [b"F"], theirs)
+                socket.send_fds(self.sock, [mode], theirs)
                 forked = self._receive()
             finally:
                 self.cgroup.adopt(self.pid)
@@ -386,6 +396,17 @@ class Warm:
             seconds = time.monotonic() - start
             if not killed and cgroup.oom_killed() and returncode != 0:
                 killed.append("memory")
+            if cgroup.procs():  # survivors of a fork race: the server's PID namespace goes with them
+                self.close()
+            elif returncode == DIRTY:  # the notebook did not start: the caller runs it on a new server
+                self.close()
+                return Outcome(returncode=None, records=b"", output=out_sink.get("data", b""), output_bytes=0,
+                               seconds=seconds, peak_memory=0,
+                               notes=["the warm sandbox's private directories could not be emptied"])
+            elif mode == b"F":
+                clean = self.run(b"", Limits(memory=limits.memory, wall=120, processes=8), mode=b"C")
+                if clean.returncode != 0 or clean.killed:
+                    self.close()  # the next notebook gets a fresh server instead
             return Outcome(returncode=returncode, records=rec_sink.get("data", b""),
                            output=out_sink.get("data", b""), output_bytes=out_sink.get("total", 0),
                            seconds=seconds, peak_memory=cgroup.peak(), killed=killed[0] if killed else None,
