@@ -323,9 +323,28 @@ def read_task(course: Course, assignment: str, student: str, notebook: str) -> d
     return task
 
 
+# CPython 3.11 keeps the AST recursion depth per interpreter, not per thread: ast.parse/compile in
+# two threads at once can raise "SystemError: AST constructor recursion depth mismatch". Worker
+# threads hold this lock for everything but the sandbox run.
+_ast_lock = threading.Lock()
+
+
 def grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
     """Grade one submitted notebook (runs on a worker: locally or on a Dask worker). Returns data only:
     ``row`` (the report line), ``autograded`` (the notebook, JSON) and ``events`` (the records)."""
+    with _ast_lock:
+        return _grade_task(task, context, limits)
+
+
+def _execute_unlocked(job: dict, limits: sandbox.Limits, modules: list[str]) -> dict:
+    _ast_lock.release()
+    try:
+        return execute_job(job, limits, modules)
+    finally:
+        _ast_lock.acquire()
+
+
+def _grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
     source_nb = nbformat.reads(context["source"], as_version=4)
     icells, reference = context["icells"], context["reference"]
     reasons: list[str] = []
@@ -359,7 +378,7 @@ def grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
             # the instructor's own reference notebook, cell for cell: its records are the reference's
             events = {int(i): ev for i, ev in reference["events"].items()}
         else:
-            result = execute_job(job, limits, context["modules"])
+            result = _execute_unlocked(job, limits, context["modules"])
             events, outcome = _events(result), result["outcome"]
         for i in tests:
             gid = nbgrader_meta(rebuilt.nb.cells[i])["grade_id"]
@@ -560,7 +579,8 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
         # the reference solutions' records (cached until solutions/, d2lite or torch change)
         references, missing = {}, {}
         for name in notebooks:
-            job, key, path = reference_job(course, assignment, name, sources[name], icells[name])
+            with _ast_lock:
+                job, key, path = reference_job(course, assignment, name, sources[name], icells[name])
             references[name] = None if refresh_reference else cached_reference(path, key)
             if references[name] is None:
                 missing[name] = (job, key, path)
@@ -583,7 +603,9 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
                    for name, (job, key, path) in missing.items()}
         for future in runner.as_completed(list(pending)):
             name, job, key, path = pending[future]
-            references[name] = store_reference(name, sources[name], icells[name], job, key, path, future.result())
+            with _ast_lock:
+                references[name] = store_reference(name, sources[name], icells[name], job, key, path,
+                                                   future.result())
         contexts = {name: runner.share({"source": nbformat.writes(sources[name]), "icells": icells[name],
                                         "reference": references[name], "modules": modules})
                     for name in notebooks}
@@ -607,8 +629,9 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
                 except (SystemExit, KeyboardInterrupt):
                     raise
                 except Exception as error:  # noqa: BLE001 — one notebook's failure never stops the batch
-                    result = _failed_result(task, {"source": nbformat.writes(sources[name]), "icells": icells[name]},
-                                            f"internal error, graded 0: {type(error).__name__}: {error}")
+                    with _ast_lock:
+                        result = _failed_result(task, {"source": nbformat.writes(sources[name]), "icells": icells[name]},
+                                                f"internal error, graded 0: {type(error).__name__}: {error}")
                 row = Row(**result["row"])
                 try:
                     nb = nbformat.reads(result["autograded"], as_version=4)
