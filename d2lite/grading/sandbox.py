@@ -285,7 +285,11 @@ class Warm:
             threading.Thread(target=self._drain, daemon=True).start()
             self.sock.sendall(json.dumps({"uid": uid, "gid": gid, "cpu": limits.cpu,
                                           "file_size": limits.file_size,
-                                          "modules": sorted(modules)}).encode() + b"\n")
+                                          "modules": sorted(modules),
+                                          # read-only binds may lie under /tmp (a checkout in /tmp):
+                                          # the wipe leaves them and their parents alone
+                                          "keep": sorted({str(Path(b).resolve()) for b in ro_binds})}).encode()
+                              + b"\n")
             self.sock.settimeout(start_timeout)
             self._buffer = b""
             ready = self._receive().get("ready")

@@ -96,10 +96,22 @@ def _warm_up() -> None:
     torch.set_rng_state(rng)  # every child starts from the random state of a fresh interpreter
 
 
-def _wipe(directory: str) -> None:
-    """Remove everything in ``directory`` (as its owner, `nobody`: entries chmod-ed first)."""
+def _kept(path: str, keep: list[str]) -> bool:
+    """Whether ``path`` is one of the sandbox's read-only binds or a directory on the way to one."""
+    return any(k == path or k.startswith(path.rstrip("/") + "/") for k in keep)
+
+
+def _leftovers(directory: str, keep: list[str]) -> list[str]:
+    return [e.path for e in os.scandir(directory) if not _kept(e.path, keep)]
+
+
+def _wipe(directory: str, keep: list[str] = ()) -> None:
+    """Remove everything in ``directory`` (as its owner, `nobody`: entries chmod-ed first), except
+    the read-only binds in ``keep`` and their parents (root's, and not writable by `nobody`)."""
     for entry in os.scandir(directory):
         path = entry.path
+        if _kept(path, keep):
+            continue
         if entry.is_dir(follow_symlinks=False):
             for root, dirs, _files in os.walk(path):
                 for d in dirs:
@@ -156,12 +168,12 @@ def _child(fds: list[int], config: dict, mode: bytes) -> None:
             raise RuntimeError("the child kept root or a capability")
         for directory in PRIVATE_DIRS:
             try:
-                _wipe(directory)
+                _wipe(directory, config.get("keep", []))
             except (OSError, RecursionError):
                 pass
         if any(len(open(f"/proc/sysvipc/{kind}").readlines()) > 1 for kind in ("shm", "sem", "msg")):
             subprocess.run(["ipcrm", "--all"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        if any(os.path.isdir(d) and os.listdir(d) for d in PRIVATE_DIRS):
+        if any(os.path.isdir(d) and _leftovers(d, config.get("keep", [])) for d in PRIVATE_DIRS):
             code = DIRTY  # what a previous notebook left cannot be removed: never run on top of it
             return
         if mode == b"C":  # the cleaning run between two notebooks
@@ -194,7 +206,7 @@ def main() -> int:
     config = json.loads(_readline(sock))
     _preload(config.get("modules", []))
     for directory in PRIVATE_DIRS:  # caches the imports wrote (fontconfig, matplotlib): no child sees them
-        _wipe(directory)
+        _wipe(directory, config.get("keep", []))
     _send(sock, {"ready": os.getpid()})
     while True:
         sys.stdout.flush()
