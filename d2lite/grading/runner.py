@@ -462,11 +462,13 @@ class LocalWorkers:
         return as_completed(futures)
 
     def close(self, cancel: bool = False) -> None:
-        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
-        close_sandboxes()
-        if not cancel:
-            return
-        self.pool.shutdown(wait=True)
+        if cancel:
+            self.pool.shutdown(wait=False, cancel_futures=True)  # queued tasks are dropped,
+            close_sandboxes()  # running notebooks end with their sandboxes,
+            self.pool.shutdown(wait=True)  # and their threads return
+        else:
+            self.pool.shutdown(wait=True)
+            close_sandboxes()
 
 
 class DaskWorkers:
@@ -606,9 +608,9 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
             with _ast_lock:
                 references[name] = store_reference(name, sources[name], icells[name], job, key, path,
                                                    future.result())
-        contexts = {name: runner.share({"source": nbformat.writes(sources[name]), "icells": icells[name],
-                                        "reference": references[name], "modules": modules})
-                    for name in notebooks}
+        local = {name: {"source": nbformat.writes(sources[name]), "icells": icells[name],
+                        "reference": references[name], "modules": modules} for name in notebooks}
+        contexts = {name: runner.share(local[name]) for name in notebooks}
         futures = {}
         skipped = len(rows)
         write = echo or (lambda line: tqdm.write(line))
@@ -630,7 +632,7 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
                     raise
                 except Exception as error:  # noqa: BLE001 — one notebook's failure never stops the batch
                     with _ast_lock:
-                        result = _failed_result(task, {"source": nbformat.writes(sources[name]), "icells": icells[name]},
+                        result = _failed_result(task, local[name],
                                                 f"internal error, graded 0: {type(error).__name__}: {error}")
                 row = Row(**result["row"])
                 try:

@@ -122,7 +122,7 @@ def _bwrap_args(ro_binds: list[Path], env: dict[str, str], disk: int = 64 << 20,
     uid, gid = _nobody()
     # bwrap runs as root (no user namespace, so `nobody` inside is the real `nobody` outside) and
     # keeps only CAP_SETUID/SETGID: for setpriv (drop=True), which drops to `nobody` with no
-    # capabilities left, or for the fork server, whose children drop to `nobody` themselves
+    # capabilities left, or (with CAP_SETPCAP) for the fork server, whose children drop themselves
     args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
             "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
@@ -261,8 +261,8 @@ class Warm:
     """A warm sandbox: one bubblewrap sandbox holding a fork server (zygote.py) with torch, d2lite
     and the data set loaded, from which each notebook starts as a fresh child in a cgroup of its own.
 
-    The server runs as root inside the sandbox with only CAP_SETUID/CAP_SETGID (to drop each child
-    to `nobody`) and never runs student code; it is in a cgroup of its own, capped like a notebook.
+    The server runs as root inside the sandbox with only CAP_SETUID/CAP_SETGID/CAP_SETPCAP (to drop
+    each child to `nobody` with an empty bounding set) and never runs student code; it is in a cgroup of its own, capped like a notebook.
     One notebook at a time; use one Warm per worker thread.
     """
 
@@ -365,7 +365,7 @@ class Warm:
                 return kill
 
             out_sink, rec_sink = {}, {}
-            job, out, rec = (os.fdopen(fd, mode) for fd, mode in zip(ours, ("wb", "rb", "rb")))
+            job, out, rec = (os.fdopen(fd, how) for fd, how in zip(ours, ("wb", "rb", "rb")))
             ours = []
             readers = [threading.Thread(target=_reader, args=(out, limits.output, 1 << 20, out_sink,
                                                                over("output")), daemon=True),
