@@ -1,0 +1,164 @@
+"""The course in a real browser: a student's and an instructor's path through JupyterLab.
+
+Each test drives Chromium (Debian's, through Playwright's ``executable_path``) against a `jupyter
+lab` that the test starts on 127.0.0.1 with a token, in a temporary copy of the course with its own
+config, settings and workspace directories. JupyterLab 4 renders notebooks windowed, so results
+are read from the saved notebook, the gradebook and the files on disk; the page is used for what a
+user does and sees. Screenshots of every step go to the test's temporary directory (and, with
+D2LITE_DOCS_SCREENSHOTS=1, the two in the README to docs/).
+"""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from browser_utils import CHROMIUM, Lab, LabServer, copy_release, missing
+from notebook_utils import CHAPTERS, ROOT, SOLUTIONS, nbgrader_meta, read
+
+MISSING = missing()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"browser unavailable: {MISSING}")
+
+DOCS = ROOT / "docs"
+VIEWPORT = {"width": 1400, "height": 900}
+
+
+def solution_body(notebook: str, grade_id: str) -> list[str]:
+    """The lines between BEGIN and END SOLUTION of a reference solution cell: what a student types."""
+    cell = next(c for c in read(SOLUTIONS / f"{notebook}.ipynb").cells
+                if nbgrader_meta(c).get("grade_id") == grade_id)
+    lines = cell.source.splitlines()
+    begin = next(i for i, l in enumerate(lines) if "### BEGIN SOLUTION" in l)
+    end = next(i for i, l in enumerate(lines) if "### END SOLUTION" in l)
+    return lines[begin + 1:end]
+
+
+def by_id(nb, grade_id: str):
+    return next(c for c in nb.cells if nbgrader_meta(c).get("grade_id") == grade_id)
+
+
+def errors(cell) -> list[str]:
+    return [f"{o.ename}: {o.evalue}" for o in cell.get("outputs", []) if o.output_type == "error"]
+
+
+def to_docs(path, name):
+    if os.environ.get("D2LITE_DOCS_SCREENSHOTS"):
+        shutil.copy(path, DOCS / name)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        # --no-sandbox: Chromium's own sandbox refuses to start as root (CI); the pages are ours
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def student(tmp_path, browser):
+    """A student's JupyterLab on a copy of the released chapter."""
+    work = tmp_path / "student"
+    work.mkdir()
+    copy_release(work, CHAPTERS)
+    server = LabServer(work, tmp_path / "lab-student",
+                       env={"D2LITE_BUDGET": "grading", "OMP_NUM_THREADS": "1"})
+    with server:
+        page = browser.new_page(viewport=VIEWPORT)
+        yield Lab(page, server, tmp_path / "screenshots"), work / "batch_norm"
+        page.close()
+
+
+def fill_solution(lab, grade_id: str, notebook: str, signature: str):
+    """Types the reference body into the student's stub cell of ``signature`` through the editor:
+    the cursor goes to the stub's last line, the two stub lines are selected, the body is typed."""
+    cell = lab.cell(signature, "raise NotImplementedError()")
+    cell.scroll_into_view_if_needed()
+    cell.locator(".cm-line", has_text="raise NotImplementedError()").click()
+    keyboard = lab.page.keyboard
+    keyboard.press("End")
+    keyboard.press("Shift+ArrowUp")  # onto "# YOUR CODE HERE"
+    keyboard.press("Shift+Home")     # from the start of its text
+    lab.type_lines(solution_body(notebook, grade_id))
+    keyboard.press("Escape")         # back to command mode
+    return lab.cell(signature)
+
+
+def answer_questions(lab, text: str) -> int:
+    """Types ``text`` over every "YOUR ANSWER HERE" of the open notebook's written answers."""
+    count = 0
+    while True:
+        cell = lab.page.locator(".jp-MarkdownCell", has_text="YOUR ANSWER HERE").first
+        if not cell.count():
+            return count
+        cell.scroll_into_view_if_needed()
+        cell.locator(".jp-MarkdownOutput").dblclick()  # a rendered cell opens its editor
+        cell.locator(".cm-line", has_text="YOUR ANSWER HERE").click()
+        lab.page.keyboard.press("End")
+        lab.page.keyboard.press("Shift+Home")
+        lab.page.keyboard.type(text)
+        lab.page.keyboard.press("Control+Enter")  # renders it again
+        count += 1
+
+
+def run_all(lab, path, timeout=180):
+    lab.menu("Run", "Run All Cells")
+    lab.page.wait_for_timeout(1000)
+    lab.wait_kernel_idle(timeout=timeout)
+    return lab.save(path)
+
+
+def validate(lab):
+    lab.page.locator(".jp-NotebookPanel-toolbar").get_by_text("Validate", exact=True).first.click()
+    box, text = lab.dialog(timeout=180)
+    return box, text
+
+
+def test_student_from_scratch(student):
+    lab, work = student
+    path = work / "00_from_scratch.ipynb"
+    lab.open_notebook("batch_norm/00_from_scratch.ipynb")
+    lab.shot("00-opened")
+
+    cell = fill_solution(lab, "batch_norm_impl", "00_from_scratch", "def batch_norm(")
+    lab.shot("01-typed", cell)
+    fill_solution(lab, "gamma_beta_grads", "00_from_scratch", "def gamma_beta_grads(")
+    assert answer_questions(lab, "The running statistics would keep every step's graph alive.") == 3
+    nb = lab.save(path)
+    for grade_id in ("batch_norm_impl", "gamma_beta_grads"):  # what the keys made is the solution
+        typed = by_id(nb, grade_id).source
+        assert "\n".join(solution_body("00_from_scratch", grade_id)) in typed, typed
+        assert "NotImplementedError" not in typed, typed
+
+    nb = run_all(lab, path)
+    tests = [c for c in nb.cells if nbgrader_meta(c).get("grade") and c.cell_type == "code"]
+    assert len(tests) >= 8
+    for test in tests:
+        assert test.execution_count and not errors(test), (nbgrader_meta(test)["grade_id"], errors(test))
+    lab.shot("02-tests-pass")
+
+    box, text = validate(lab)
+    assert "Success! Your notebook passes all the tests." in text, text
+    lab.shot("03-validate-success", box)
+    lab.close_dialog()
+
+    # a typical mistake: the unbiased variance to normalize
+    lab.replace_line(cell, "var = ((X - mean.view(shape))", "var = X.var(dim=dims)")
+    nb = run_all(lab, path)
+    first_test = by_id(nb, "test_train_2d")
+    message = "\n".join(errors(first_test))
+    assert "expected" in message and "got" in message and "Hint:" in message, message
+    assert "X.var(dim=0) divides by N - 1" in message, message
+    failing = lab.cell("Checks that batch_norm in training mode on a 2-D input")
+    failing.scroll_into_view_if_needed()
+    output = failing.locator(".jp-OutputArea")
+    assert "Hint:" in output.inner_text()
+    shot = lab.shot("04-failing-hint", output)
+    to_docs(shot, "student-hint.png")
+
+    box, text = validate(lab)
+    assert "The following cell failed" in text and "Checks that batch_norm in training mode on a 2-D" in text
+    lab.shot("05-validate-fails", box)
+    lab.close_dialog()
