@@ -1,4 +1,4 @@
-# make demo | make test | make bench | make lab — each creates .venv and installs d2lite when needed.
+# make demo | make test | make bench | make mutants | make lab — each creates .venv and installs d2lite when needed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ export D2LITE_DATA
 
 DEMO_ARGS ?=
 
-.PHONY: demo test bench lab install clean
+.PHONY: demo test bench mutants lab install clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ bench: install
 	$(PY) benchmarks/bench_end_to_end.py
 	$(PY) benchmarks/profile_step.py
 	$(PY) benchmarks/bench_grading.py
+
+# every mutant of every reference solution against the test cells; writes benchmarks/results/mutants.md
+mutants: install
+	$(PY) benchmarks/mutants.py
 
 lab: install
 	$(VENV)/bin/jupyter lab chapters/batch_norm

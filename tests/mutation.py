@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,12 +86,31 @@ def _stored_and_loaded(source: str) -> tuple[set, set]:
     return stored, loaded
 
 
+def _top_level(source: str) -> set:
+    """The names a cell defines for later cells: its module-level functions, classes, imports and
+    assignment targets (not the local variables of its functions)."""
+    names = set()
+    for stmt in ast.parse(source).body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(stmt.name)
+            continue
+        for node in ast.walk(stmt):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                break
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
 def needed_cells(cells: list[Cell]) -> list[Cell]:
     """The cells a mutant runs after setup: every solution, test and locked cell, and the free cells
     that store a name some later graded/solution/locked cell reads and nothing graded stored before."""
     kept, provided = [], set()
     flow = [(c, *_stored_and_loaded(c.source)) for c in cells]
-    for i, (cell, stored, _) in enumerate(flow):
+    for i, (cell, _, _) in enumerate(flow):
+        stored = _top_level(cell.source)
         if cell.kind == "setup":
             provided |= stored
             continue
@@ -356,9 +376,33 @@ def mutants_of(cell: Cell) -> list[Mutant]:
     return out
 
 
+def graded_solution_cells(cells: list[Cell]) -> list[Cell]:
+    """The solution cells some test cell depends on (reads a name they store, directly or through
+    other such cells); an optional, ungraded exercise (08's batch_renorm) has none and is skipped."""
+    solutions = [c for c in cells if c.kind == "solution" and regions(c.source)]
+    flow = {c.grade_id: _stored_and_loaded(c.source) for c in cells}
+    read = set().union(*(flow[c.grade_id][1] for c in cells if c.kind == "test"))
+    graded: list[Cell] = []
+    changed = True
+    while changed:
+        changed = False
+        for cell in solutions:
+            if cell not in graded and _top_level(cell.source) & read:
+                graded.append(cell)
+                read |= flow[cell.grade_id][1]
+                changed = True
+    return [c for c in solutions if c in graded]
+
+
+def ungraded_solution_cells(name: str) -> list[str]:
+    cells = read_cells(SOLUTIONS / f"{name}.ipynb")
+    graded = graded_solution_cells(cells)
+    return [c.grade_id for c in cells if c.kind == "solution" and regions(c.source) and c not in graded]
+
+
 def notebook_mutants(name: str) -> list[Mutant]:
-    return [m for c in read_cells(SOLUTIONS / f"{name}.ipynb") if c.kind == "solution" and regions(c.source)
-            for m in mutants_of(c)]
+    """Every mutant of the graded solution cells of one notebook of solutions/batch_norm."""
+    return [m for c in graded_solution_cells(read_cells(SOLUTIONS / f"{name}.ipynb")) for m in mutants_of(c)]
 
 
 def sample(mutants: list[Mutant], k: int, seed: int = 0) -> list[Mutant]:
@@ -384,6 +428,10 @@ class _CellTimeout(BaseException):
     pass
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def _exec_cell(source: str, ns: dict, name: str) -> str | None:
     """Run one cell as nbgrader would; the failure message, or None if it raised nothing and wrote
     nothing to stderr."""
@@ -395,7 +443,9 @@ def _exec_cell(source: str, ns: dict, name: str) -> str | None:
         sys.stdout, sys.stderr = out, err
         message = None
         try:
-            exec(compile(source, name, "exec"), ns)
+            with warnings.catch_warnings():  # a warning is printed to stderr, as the kernel does
+                warnings.showwarning = _show_warning
+                exec(compile(source, name, "exec"), ns)
         except _CellTimeout:
             raise
         except BaseException as error:  # noqa: BLE001 - a cell's error is a result, as in a kernel

@@ -20,9 +20,9 @@ F64, F32 = torch.float64, torch.float32
 
 
 # ------------------------------------------------------------------------------------- comparing
-def differ(a, b, path="result") -> str | None:
-    """None if a and b agree, else a line saying where they differ."""
-    if type(a) is not type(b):
+def differ(a, b, path="result", value_atol=1e-9) -> str | None:
+    """None if a and b agree, else a line saying where they differ (floats: within value_atol)."""
+    if type(a).__qualname__ != type(b).__qualname__:  # a class the solution defines exists twice
         return f"{path}: {type(a).__name__} vs {type(b).__name__}"
     if isinstance(a, torch.Tensor):
         if a.shape != b.shape or a.dtype != b.dtype:
@@ -35,16 +35,16 @@ def differ(a, b, path="result") -> str | None:
             return f"{path}: values differ ({str(error).splitlines()[-1].strip()})"
         return None
     if isinstance(a, float):
-        same = (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+        same = (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=value_atol)
         return None if same else f"{path}: {a!r} vs {b!r}"
     if isinstance(a, (list, tuple)):
         if len(a) != len(b):
             return f"{path}: length {len(a)} vs {len(b)}"
-        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := differ(x, y, f"{path}[{i}]"))), None)
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := differ(x, y, f"{path}[{i}]", value_atol))), None)
     if isinstance(a, dict):
         if list(a) != list(b):
             return f"{path}: keys {list(a)} vs {list(b)}"
-        return next((d for k in a if (d := differ(a[k], b[k], f"{path}[{k!r}]"))), None)
+        return next((d for k in a if (d := differ(a[k], b[k], f"{path}[{k!r}]", value_atol))), None)
     if isinstance(a, nn.Module):
         return differ(module_state(a), module_state(b), path)
     if isinstance(a, (set, frozenset, int, str, bool, type(None))):
@@ -75,13 +75,14 @@ def values_of(ns) -> dict:
     return {k: v for k, v in ns.items() if not k.startswith("_") and isinstance(v, plain)}
 
 
-def battery(*probes):
-    """A battery: (ref_ns, mut_ns) -> (disagreeing probes, probes run)."""
+def battery(*probes, value_atol=1e-9):
+    """A battery: (ref_ns, mut_ns, names) -> (disagreeing probes, probes run). The plain values among
+    `names` (those the solution cells store) are compared too, floats within value_atol."""
     def run(ref, mut, names=()):
         disagree = []
         ref_values, mut_values = values_of(ref), values_of(mut)
         for name in sorted((set(ref_values) | set(mut_values)) & set(names)):
-            d = differ(ref_values.get(name), mut_values.get(name), name)
+            d = differ(ref_values.get(name), mut_values.get(name), name, value_atol)
             if d:
                 disagree.append(d)
         for label, call in probes:
@@ -334,9 +335,8 @@ BATTERY_05 = battery(("affine_parameters", _affine_probe),
 
 
 # ---------------------------------------------------------------------------------------- 06_api
-BATTERY_06 = battery(
-    ("recompute_running_stats", lambda ns: _recompute(ns)),
-)
+# the predictions are asked for "up to about 1e-4" (PyTorch's float32 rounding): closer is equal
+BATTERY_06 = battery(("recompute_running_stats", lambda ns: _recompute(ns)), value_atol=1e-4)
 
 
 def _recompute(ns):
@@ -370,7 +370,7 @@ def _lite_case(shape, dtype, mode, eps, seed):
 
 def _module_probe(ns):
     out = []
-    for args in ((3,), (4, "center"), (2, "scale", 0.5), (5, "full", 2.0), (3, "bad")):
+    for args in ((3,), (4, "center"), (2, "scale", 0.5), (5, "full", 2.0)):  # (no rule for a bad mode here)
         m = outcome(lambda ns: ns["BatchNormLite"](*args), ns)
         if isinstance(m, tuple):
             out.append(m)
@@ -392,7 +392,7 @@ def _lenet_probe(ns):
 
 BATTERY_07 = battery(*[_lite_case(shape, dtype, mode, eps, seed) for seed, (shape, dtype, mode, eps) in enumerate(
     itertools.product([(5, 3), (2, 2, 3, 3), (1, 4)], [F64, F32], ["full", "center", "scale", "both"], [None, 0.5]))],
-    _lite_case((2, 3, 4), F64, "full", None, 90), ("BatchNormLite", _module_probe), ("lenet_lite", _lenet_probe))
+    ("BatchNormLite", _module_probe), ("lenet_lite", _lenet_probe))
 
 
 # ---------------------------------------------------------------------------- 08_other_normalizations
@@ -447,7 +447,7 @@ BATTERY_08 = battery(
     *[_ln_case(s, e, k) for k, (s, e) in enumerate(itertools.product([(3, 5), (2, 3, 4), (3, 2, 2, 3), (1, 6)], [None, 0.3]))],
     *[_gn_case(s, g, e, 10 + k) for k, (s, g, e) in enumerate(
         [((3, 6, 2, 2), 3, None), ((3, 6, 2, 2), 6, 0.1), ((2, 4, 3, 3), 1, None), ((4, 8), 2, 0.5), ((4, 8), 4, None),
-         ((1, 6, 2, 3), 2, None), ((2, 6), 4, None), ((2, 4, 1, 5), 2, 0.05)])],
+         ((1, 6, 2, 3), 2, None), ((2, 4, 1, 5), 2, 0.05)])],  # C divisible by G: the precondition
     _gn_case((3, 4, 2, 2), 2, None, 30, F32),
     ("output_change", _output_change_probe),
     *[_renorm_case(N, C, r, d, e, m, 40 + k) for k, (N, C, r, d, e, m) in enumerate(
@@ -465,6 +465,10 @@ def _stats_probe(ns):
         batches = [(rand((b, C, 2, 3), 80 + k * 10 + i, dtype, 1.0 + i, i - 1.0), torch.zeros(b)) for i, b in enumerate(sizes)]
         out.append(ns["channel_stats"](batches))
         out.append(ns["channel_stats"](iter(batches)))
+    for k, value in enumerate((0.3, 0.55, 0.7)):  # a constant channel: its variance must not round below 0
+        X = torch.rand(4, 2, 3, 3, dtype=F64, generator=gen(130 + k))
+        X[:, 0] = value
+        out.append(ns["channel_stats"]([(X[:2], None), (X[2:], None)]))
     return out
 
 
