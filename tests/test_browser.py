@@ -9,12 +9,14 @@ D2LITE_DOCS_SCREENSHOTS=1, the two in the README to docs/).
 """
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from browser_utils import CHROMIUM, Lab, LabServer, copy_release, missing
-from notebook_utils import CHAPTERS, ROOT, SOLUTIONS, nbgrader_meta, read
+from notebook_utils import ASSIGNMENT, CHAPTERS, NOTEBOOKS, ROOT, SOLUTIONS, nbgrader_meta, new_course, read
 
 MISSING = missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"browser unavailable: {MISSING}")
@@ -185,3 +187,143 @@ def test_student_path(student, notebook):
     assert by_id(nb, failing_id).source.splitlines()[0] in text, text  # the failing cell, named
     lab.shot(f"{notebook}-5-validate-fails", box)
     lab.close_dialog()
+
+
+# -- the exchange and the instructor ----------------------------------------------------------
+
+class Course:
+    """A course directory with the assignment generated, an exchange, and two JupyterLabs: the
+    instructor's on the course directory and a student's on an empty home directory, both
+    configured for the exchange the way a shared machine's /etc/jupyter/nbgrader_config.py is."""
+
+    def __init__(self, base: Path, browser):
+        self.base = base
+        self.exchange = base / "exchange"
+        self.exchange.mkdir()
+        self.exchange.chmod(0o777)  # students write their submissions into it
+        self.root = base / "course"
+        self.root.mkdir()
+        self.api = new_course(self.root, self.exchange)
+        config = f"c.Exchange.root = {str(self.exchange)!r}\nc.CourseDirectory.course_id = 'd2lite'\n"
+        env = {"D2LITE_BUDGET": "grading", "OMP_NUM_THREADS": "1"}
+        self.instructor = LabServer(self.root, base / "lab-instructor", nbgrader_config=config, env=env).start()
+        self.home = base / "student"
+        self.home.mkdir()
+        self.student = LabServer(self.home, base / "lab-student", nbgrader_config=config, env=env).start()
+        shots = base / "screenshots"
+        self.teacher_lab = Lab(browser.new_page(viewport=VIEWPORT), self.instructor, shots)
+        self.student_lab = Lab(browser.new_page(viewport=VIEWPORT), self.student, shots)
+        self.collected = None
+
+    def close(self):
+        for lab in (self.teacher_lab, self.student_lab):
+            lab.page.close()
+        for server in (self.instructor, self.student):
+            server.stop()
+
+    def formgrader(self):
+        """The Formgrader panel of the instructor's JupyterLab (Nbgrader → Formgrader): its frame."""
+        lab = self.teacher_lab
+        lab.page.goto(self.instructor.link("lab", reset=None))
+        lab.page.locator(".jp-LabShell").wait_for()
+        lab.menu("Nbgrader", "Formgrader")
+        frame = lab.page.frame_locator("iframe[src*='formgrader']")
+        frame.locator("#main-table tr", has_text=ASSIGNMENT).wait_for(timeout=60_000)
+        return frame
+
+    def formgrader_action(self, frame, column: str, success: str):
+        """Clicks the icon in ``column`` of the assignment's row and waits for nbgrader's answer."""
+        frame.locator(f"#main-table tr:has-text('{ASSIGNMENT}') td.{column} a").click()
+        modal = frame.locator("#success-modal, #error-modal")
+        modal.wait_for(timeout=120_000)
+        ok = modal.locator(".modal-footer button", has_text="OK").first
+        ok.wait_for(state="visible")
+        self.teacher_lab.page.wait_for_timeout(400)  # bootstrap's fade-in, for the screenshot
+        text = modal.inner_text()
+        assert success in text, text
+        self.teacher_lab.shot(f"formgrader-{column}", self.teacher_lab.page)
+        ok.click()
+        modal.wait_for(state="detached")
+        return text
+
+    def assignment_list(self):
+        """The student's Assignments panel (Nbgrader → Assignment List)."""
+        lab = self.student_lab
+        lab.page.goto(self.student.link("lab", reset=None))
+        lab.page.locator(".jp-LabShell").wait_for()
+        lab.menu("Nbgrader", "Assignment List")
+        panel = lab.page.locator("#released_assignments_list").locator("xpath=ancestor::div[contains(@class,'lm-Widget')][1]")
+        return lab.page
+
+    def exchange_flow(self):
+        """Release (Formgrader) → fetch, fill in, submit (Assignments panel) → collect (Formgrader).
+        Returns the collected submission's directory; done once per Course."""
+        if self.collected:
+            return self.collected
+        frame = self.formgrader()
+        self.teacher_lab.shot("formgrader-opened")
+        self.formgrader_action(frame, "release", f"Successfully released '{ASSIGNMENT}'")
+        assert (self.exchange / "d2lite" / "outbound" / ASSIGNMENT / "00_from_scratch.ipynb").is_file()
+
+        page = self.assignment_list()
+        released = page.locator("#released_assignments_list .list_item", has_text=ASSIGNMENT)
+        released.get_by_role("button", name="Fetch").click()
+        fetched = page.locator("#fetched_assignments_list .list_item", has_text=ASSIGNMENT)
+        fetched.wait_for(timeout=60_000)
+        self.student_lab.shot("assignments-fetched")
+        work = self.home / ASSIGNMENT
+        assert sorted(p.stem for p in work.glob("*.ipynb")) == sorted(NOTEBOOKS)
+
+        # the student does part of 00: batch_norm with one mistake, one written answer
+        lab = self.student_lab
+        lab.open_notebook(f"{ASSIGNMENT}/00_from_scratch.ipynb")
+        cell = fill_solution(lab, "batch_norm_impl", "00_from_scratch", "def batch_norm(")
+        lab.replace_line(cell, "new_var = (1 - momentum) * moving_var",
+                         "new_var = (1 - momentum) * moving_var + momentum * var")  # biased
+        question = lab.page.locator(".jp-MarkdownCell", has_text="YOUR ANSWER HERE").first
+        question.locator(".jp-MarkdownOutput").dblclick()
+        question.locator(".cm-line", has_text="YOUR ANSWER HERE").click()
+        lab.page.keyboard.press("End")
+        lab.page.keyboard.press("Shift+Home")
+        lab.page.keyboard.type(WRITTEN_ANSWER)
+        lab.page.keyboard.press("Control+Enter")
+        lab.save(work / "00_from_scratch.ipynb")
+
+        page = self.assignment_list()
+        fetched = page.locator("#fetched_assignments_list .list_item", has_text=ASSIGNMENT)
+        fetched.get_by_role("button", name="Submit").click()
+        page.locator("#submitted_assignments_list .list_item", has_text=ASSIGNMENT).first.wait_for(timeout=60_000)
+        self.student_lab.shot("assignments-submitted")
+        inbound = list((self.exchange / "d2lite" / "inbound").iterdir())
+        assert len(inbound) == 1, inbound
+
+        frame = self.formgrader()
+        self.formgrader_action(frame, "collect", f"Successfully collected submissions of '{ASSIGNMENT}'")
+        submitted = list((self.root / "submitted").glob(f"*/{ASSIGNMENT}"))
+        assert len(submitted) == 1, submitted
+        self.collected = submitted[0]
+        return self.collected
+
+
+WRITTEN_ANSWER = "The running statistics would keep every training step's autograd graph alive."
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory, browser):
+    base = tmp_path_factory.mktemp("course")
+    saved_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved_path}"  # nbgrader runs alembic
+    try:
+        course = Course(base, browser)
+    finally:
+        os.environ["PATH"] = saved_path
+    yield course
+    course.close()
+
+
+def test_exchange_release_fetch_submit_collect(course):
+    submission = course.exchange_flow()
+    nb = read(submission / "00_from_scratch.ipynb")
+    assert "momentum * var\n" in by_id(nb, "batch_norm_impl").source + "\n"
+    assert WRITTEN_ANSWER in by_id(nb, "why_no_graph").source
+    assert (submission / "timestamp.txt").is_file()
