@@ -34,7 +34,9 @@ REASONS = {
     "drop_operand": "the dropped operand is neutral here (× 1, + 0) or within the stated precision",
     "statement_deleted": "the statement has no effect on anything returned or checked",
     "force_branch": "both branches give the same result on every input the specification allows",
-    "keyword_dropped": "the dropped argument equals its default",
+    "keyword_dropped": "the dropped argument equals its default (or, for device=, the CPU it runs on)",
+    "keepdim_flipped": "a (D,) statistic broadcasts against (n, D) exactly as the (1, D) one does",
+    "input_swapped": "the two inputs agree at that point (mean already has X's dtype and device)",
 }
 
 

@@ -200,8 +200,10 @@ def alternatives(node: ast.AST, params: list[str]):
     elif isinstance(node, (ast.If, ast.IfExp)):
         for forced in (True, False):
             add(("force_branch", lambda n, forced=forced: _forced(n, forced)))
-    elif isinstance(node, ast.Return) and node.value is not None:
-        add(("return_input", None))  # expanded below
+    elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and params and node.id in params:
+        for other in params:  # one input confused with another (moving_mean for mean's partner, eps for momentum)
+            if other != node.id:
+                add(("input_swapped", lambda n, other=other: ast.Name(other, ast.Load())))
     if isinstance(node, ast.Call):
         alts += _call_alternatives(node)
     if _is_no_grad(node):
@@ -354,8 +356,10 @@ def mutants_of(cell: Cell) -> list[Mutant]:
     reference = ast.unparse(tree)
     params = _params(tree)
     seen, out = {reference}, []
+    # an error message's wording is not behaviour: nothing inside an f-string is mutated
+    in_messages = {id(n) for s in ast.walk(tree) if isinstance(s, ast.JoinedStr) for n in ast.walk(s)}
     for index, node in enumerate(ast.walk(tree)):
-        if not _in_regions(node, spans):
+        if not _in_regions(node, spans) or id(node) in in_messages:
             continue
         for variant, (operator, make) in enumerate(alternatives(node, params.get(id(node)))):
             mutated = copy.deepcopy(tree)
