@@ -428,10 +428,6 @@ class Outcome:
     seconds: float = 0.0
 
 
-class _CellTimeout(BaseException):
-    pass
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -450,8 +446,6 @@ def _exec_cell(source: str, ns: dict, name: str) -> str | None:
             with warnings.catch_warnings():  # a warning is printed to stderr, as the kernel does
                 warnings.showwarning = _show_warning
                 exec(compile(source, name, "exec"), ns)
-        except _CellTimeout:
-            raise
         except BaseException as error:  # noqa: BLE001 - a cell's error is a result, as in a kernel
             message = f"{type(error).__name__}: {str(error)[:300]}"
         finally:
@@ -495,6 +489,8 @@ def _child(cells, base, mutant, battery, write_fd) -> None:
     ns = vars(sys.modules["__main__"])
     start = time.perf_counter()
     outcome = _run_chain(cells, ns, mutant)
+    if mutant is None and battery is not None:  # the battery's own check: no probe fails on the reference
+        outcome.battery = battery.broken(_namespace(cells, base, None))
     if mutant is not None:
         if outcome.failed:
             outcome.status = "killed"
@@ -541,8 +537,8 @@ def _forked(cells, base, mutant, battery, timeout: float) -> Outcome:
     return Outcome(**json.loads(b"".join(chunks)))
 
 
-def run_notebook(path: Path, mutants: list[Mutant], timeout: float | None = None, battery=None,
-                 progress=None) -> tuple[Outcome, list[Outcome], float]:
+def run_notebook(path: Path, mutants: list[Mutant], timeout: float | None = None,
+                 battery=None) -> tuple[Outcome, list[Outcome], float]:
     """In this process (a worker): setup once, then the reference and every mutant each in a fork.
     Returns (the reference's outcome, the mutants' outcomes, the setup's seconds)."""
     import torch
@@ -562,15 +558,13 @@ def run_notebook(path: Path, mutants: list[Mutant], timeout: float | None = None
     setup_seconds = time.perf_counter() - start
     base = dict(ns)
     chain = needed_cells(cells)
-    reference = _forked(chain, base, None, None, timeout or 600)
+    reference = _forked(chain, base, None, battery, timeout or 600)
     if reference.failed or reference.status != "reference":
         raise RuntimeError(f"{path.name}: the reference fails its own tests: {reference}")
     limit = timeout or max(20.0, 10 * reference.seconds)
     outcomes = []
     for mutant in mutants:
         outcomes.append(_forked(chain, base, mutant, battery, limit))
-        if progress:
-            progress(outcomes[-1])
     return reference, outcomes, setup_seconds
 
 

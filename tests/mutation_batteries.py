@@ -90,6 +90,13 @@ def battery(*probes, value_atol=1e-9):
             if d:
                 disagree.append(d)
         return disagree, [label for label, _ in probes]
+
+    def broken(ns):
+        """The probes that raise on the reference although their label does not say "raises"
+        (a probe that raises for everyone would agree with every mutant)."""
+        return [label for label, call in probes if "raises" not in label
+                and isinstance(got := outcome(call, ns), tuple) and got[:1] == ("raised",)]
+    run.broken = broken
     return run
 
 
@@ -251,7 +258,8 @@ def _variant_net(ns, v, p):
     return ns["d2lite"].lenet(**kwargs)  # the network it builds is what the kwargs mean
 
 
-BATTERY_03 = battery(*[(f"d2lite.lenet(**variant_kwargs({v!r}, {p!r}))", lambda ns, v=v, p=p: _variant_net(ns, v, p))
+BATTERY_03 = battery(*[(f"d2lite.lenet(**variant_kwargs({v!r}, {p!r}))" + (" (raises)" if v in ("some", "ALL") or p == "middle" else ""),
+                        lambda ns, v=v, p=p: _variant_net(ns, v, p))
                        for v in ("none", "first", "conv", "dense", "all", "some", "ALL")
                        for p in ("before", "after", None, "middle")])
 
@@ -365,7 +373,7 @@ def _lite_case(shape, dtype, mode, eps, seed):
         beta = rand((C,), seed + 2, dtype, grad=True)
         return with_grads(lambda X, g, b: ns["batch_norm_lite"](X, g, b, mode, eps) if eps else
                           ns["batch_norm_lite"](X, g, b, mode), (X, gamma, beta))
-    return (f"batch_norm_lite{shape} {dtype} {mode} eps={eps}", call)
+    return (f"batch_norm_lite{shape} {dtype} {mode} eps={eps}" + (" (raises)" if mode not in ("full", "center", "scale") else ""), call)
 
 
 def _module_probe(ns):

@@ -4,9 +4,7 @@
 CI runs a seeded sample of SAMPLE mutants per notebook, one worker process per notebook; set
 D2LITE_MUTANTS=all to run every mutant here (`make mutants` does so and writes the report)."""
 import ast
-import json
 import os
-import shutil
 
 import nbformat
 import pytest
@@ -34,6 +32,7 @@ def test_sampled_mutants_are_killed_or_equivalent(name):
     chosen = mutants if EVERY else mutation.sample(mutants, SAMPLE, seed=0)
     result = mutation.run_in_worker(SOLUTIONS / f"{name}.ipynb", chosen)
     assert result["reference"]["failed"] == [], f"the reference fails {result['reference']['failed']}"
+    assert result["reference"]["battery"] == [], f"battery probes that raise on the reference: {result['reference']['battery']}"
     assert len(result["outcomes"]) == len(chosen)
     gaps = _gaps(result, chosen)
     assert not gaps, (f"{len(gaps)} mutant(s) of {name} pass every test cell, hidden tests included: strengthen "
