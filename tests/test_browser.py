@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,101 @@ def test_exchange_release_fetch_submit_collect(course):
     assert "momentum * var\n" in by_id(nb, "batch_norm_impl").source + "\n"
     assert WRITTEN_ANSWER in by_id(nb, "why_no_graph").source
     assert (submission / "timestamp.txt").is_file()
+
+
+def _grader_missing():
+    from d2lite.grading import sandbox
+
+    try:
+        sandbox.check_features()
+    except sandbox.SandboxUnavailable as error:
+        return str(error)
+    return None
+
+
+def reference_lines(notebook: str) -> set[str]:
+    """The lines of the reference solutions and model answers of ``notebook`` (long enough to
+    be the solution's own, not a shared `return Y`)."""
+    lines = set()
+    for cell in read(SOLUTIONS / f"{notebook}.ipynb").cells:
+        text = cell.source
+        while "### BEGIN SOLUTION" in text:
+            text = text.split("### BEGIN SOLUTION", 1)[1]
+            body, _, text = text.partition("### END SOLUTION")
+            lines |= {l.strip() for l in body.splitlines() if len(l.strip()) >= 30}
+    return lines
+
+
+def test_instructor_grades_and_student_reads_feedback(course):
+    missing_grader = _grader_missing()
+    if missing_grader:
+        pytest.skip(f"d2lite grade's sandbox unavailable: {missing_grader}")
+    submission = course.exchange_flow()
+    student = submission.parent.name
+    graded = subprocess.run([str(Path(sys.executable).parent / "d2lite"), "grade", ASSIGNMENT,
+                             "--course", str(course.root), "--no-progress"],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert graded.returncode == 0, graded.stdout[-3000:] + graded.stderr[-3000:]
+
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{course.root / 'gradebook.db'}") as gb:
+        nb = gb.find_submission_notebook("00_from_scratch", ASSIGNMENT, student)
+        auto = nb.score
+        submission_score = gb.find_submission(ASSIGNMENT, student)
+        shown = f"{submission_score.score:g} / {submission_score.max_score:g}"
+        failed = {g.name for g in nb.grades if g.cell.__class__.__name__ == "GradeCell"
+                  and g.auto_score is not None and g.auto_score < g.max_score}
+    assert "test_running_var" in failed and "test_gamma_beta_grads" in failed, failed
+    assert "test_train_2d" not in failed, failed
+
+    # the Formgrader shows the autograded score of the submission
+    frame = course.formgrader()
+    frame.locator("#main-table tr", has_text=ASSIGNMENT).locator("td.num-submissions a").click()
+    row = frame.locator("#main-table tr", has_text=student)
+    row.wait_for(timeout=60_000)
+    assert row.locator("td.score").inner_text().strip() == shown, (shown, row.inner_text())
+    shot = course.teacher_lab.shot("formgrader-submissions")
+    to_docs(shot, "formgrader.png")
+
+    # Manual Grading: the written answer gets 1.5 of its 2 points, saved by the Formgrader
+    frame.get_by_role("link", name="Manual Grading").click()
+    frame.get_by_role("link", name=ASSIGNMENT, exact=True).click()
+    frame.get_by_role("link", name="00_from_scratch", exact=True).click()
+    frame.get_by_role("link", name="Submission #1").click()
+    score = frame.locator("input.score#why_no_graph")
+    score.wait_for(timeout=60_000)
+    assert WRITTEN_ANSWER in frame.locator("body").inner_text()
+    score.fill("1.5")
+    score.press("Tab")  # the Formgrader saves on change
+    course.teacher_lab.page.wait_for_timeout(1500)
+    course.teacher_lab.shot("formgrader-manual-grade")
+    with Gradebook(f"sqlite:///{course.root / 'gradebook.db'}") as gb:
+        grade = gb.find_grade("why_no_graph", "00_from_scratch", ASSIGNMENT, student)
+        assert grade.manual_score == 1.5
+        total = gb.find_submission_notebook("00_from_scratch", ASSIGNMENT, student).score
+    assert total == auto + 1.5
+
+    # feedback: generated and released from the Formgrader, fetched from the Assignments panel
+    frame = course.formgrader()
+    course.formgrader_action(frame, "generate-feedback", f"Successfully generated feedback of '{ASSIGNMENT}'")
+    course.formgrader_action(frame, "release-feedback", f"Successfully released feedback of '{ASSIGNMENT}'")
+    page = course.assignment_list()
+    page.locator("#submitted_assignments_list .list_item", has_text=ASSIGNMENT).get_by_role(
+        "button", name="Fetch Feedback").first.click()
+    deadline = time.monotonic() + 60
+    while not (found := list(course.home.glob(f"{ASSIGNMENT}/feedback/*/00_from_scratch.html"))):
+        assert time.monotonic() < deadline, "no feedback fetched"
+        time.sleep(0.5)
+    relative = found[0].relative_to(course.home)
+    page.goto(course.student.link(f"files/{relative}"))
+    text = page.locator("body").inner_text()
+    course.student_lab.shot("feedback")
+    assert f"Score: {total:.1f} / 20.0" in text or f"Score: {total:g} / 20.0" in text, text[:500]
+    assert "moving_var is off: did you use the biased variance?" in text  # the failed check's hint
+    assert "NotImplementedError" in text                                   # the stub left alone
+    typed = read(submission / "00_from_scratch.ipynb")
+    student_text = "\n".join(c.source for c in typed.cells)
+    leaked = [l for l in reference_lines("00_from_scratch") if l in text and l not in student_text]
+    assert not leaked, leaked

@@ -359,3 +359,35 @@ def test_reference_solutions_get_every_point_and_the_release_none(tmp_path):
         ref, untouched = by[("reference", name)], by[("untouched", name)]
         assert ref.score == ref.max_score > 0, f"reference {name}: {ref.score}/{ref.max_score}: {ref.reason}"
         assert untouched.score == 0, f"untouched {name}: {untouched.score}: {untouched.reason}"
+
+
+def test_autograded_gets_the_submissions_other_files_as_nbgrader_autograde_does(tmp_path):
+    """timestamp.txt and the exchange's submission_secret.txt (release_feedback needs it) reach
+    autograded/, so do the student's plain files; links, notebooks and ignored files do not, and
+    the instructor's own files win."""
+    from d2lite.grading.gradebook import copy_files
+
+    submitted, source, autograded = tmp_path / "submitted", tmp_path / "source", tmp_path / "autograded"
+    (submitted / "data").mkdir(parents=True)
+    (submitted / "timestamp.txt").write_text("2026-12-02 18:31:59.959902 UTC\n")
+    (submitted / "submission_secret.txt").write_text("f" * 128)
+    (submitted / "data" / "notes.txt").write_text("mine")
+    (submitted / "helper.py").write_text("# the student's")
+    (submitted / "00_from_scratch.ipynb").write_text("{}")
+    (submitted / "figure.png").write_bytes(b"\x89PNG")
+    (submitted / "passwd").symlink_to("/etc/passwd")
+    (submitted / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "secret.txt").write_text("not to be copied")
+    (submitted / ".ipynb_checkpoints").mkdir()
+    (submitted / ".ipynb_checkpoints" / "old.txt").write_text("old")
+    source.mkdir()
+    (source / "helper.py").write_text("# the instructor's")
+    (source / "00_from_scratch.ipynb").write_text("{}")
+
+    stamp = copy_files(submitted, autograded, source, [".ipynb_checkpoints", "*.png"])
+    assert stamp == "2026-12-02 18:31:59.959902 UTC"
+    copied = sorted(p.relative_to(autograded).as_posix() for p in autograded.rglob("*") if p.is_file())
+    assert copied == ["data/notes.txt", "helper.py", "submission_secret.txt", "timestamp.txt"]
+    assert (autograded / "helper.py").read_text() == "# the instructor's"
+    assert not any(p.is_symlink() for p in autograded.rglob("*"))

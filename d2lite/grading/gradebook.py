@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nbformat
 
-__all__ = ["copy_timestamp", "graded_notebooks", "instructor_cells", "notebook_names", "save"]
+__all__ = ["copy_files", "graded_notebooks", "instructor_cells", "notebook_names", "save"]
 
 
 def notebook_names(db_url: str, assignment: str) -> list[str]:
@@ -66,10 +66,48 @@ def save(db_url: str, assignment: str, student: str, notebook: str, nb: nbformat
     nbformat.write(nb, str(autograded_dir / f"{notebook}.ipynb"))
 
 
-def copy_timestamp(submission_dir: Path, autograded_dir: Path) -> str | None:
-    stamp = submission_dir / "timestamp.txt"
-    if stamp.is_file() and not stamp.is_symlink() and stamp.stat().st_size < 200:
-        autograded_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(stamp, autograded_dir / "timestamp.txt")
+MAX_COPIED = 64 << 20  # bytes of a submission's other files copied to autograded/
+
+
+def _plain_files(folder: Path, ignore: list[str]):
+    """The regular files under ``folder`` that are not notebooks, not links and not under a link,
+    and that match none of the course's ignore patterns (CourseDirectory.ignore)."""
+    import fnmatch
+    import os
+
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not (here / d).is_symlink()
+                             and not any(fnmatch.fnmatch(d, g) for g in ignore))
+        for name in sorted(filenames):
+            path = here / name
+            if name.endswith(".ipynb") or path.is_symlink() or not path.is_file() \
+                    or any(fnmatch.fnmatch(name, g) for g in ignore):
+                continue
+            yield path.relative_to(folder)
+
+
+def copy_files(submission_dir: Path, autograded_dir: Path, source_dir: Path, ignore: list[str]) -> str | None:
+    """Copy the submission's other files (timestamp.txt, the exchange's submission_secret.txt that
+    release_feedback needs, the student's data files) to autograded/, then the instructor's own
+    files from the source directory over them, as `nbgrader autograde` does. Links are never
+    followed and at most MAX_COPIED bytes are copied. Returns the submission's timestamp, if any."""
+    autograded_dir.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for folder, capped in ((submission_dir, True), (source_dir, False)):
+        for rel in _plain_files(folder, ignore):
+            size = (folder / rel).stat().st_size
+            if capped and total + size > MAX_COPIED:
+                continue
+            total += size if capped else 0
+            dest = autograded_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_symlink() or dest.exists():
+                dest.unlink()
+            shutil.copy(folder / rel, dest)
+    stamp = autograded_dir / "timestamp.txt"
+    if stamp.is_file() and stamp.stat().st_size < 200:
         return stamp.read_text(errors="replace").strip() or None
     return None

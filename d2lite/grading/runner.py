@@ -639,7 +639,8 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
                     nb = nbformat.reads(result["autograded"], as_version=4)
                     folder = course.submitted(student, assignment)
                     autograded = course.autograded(student, assignment)
-                    stamp = gradebook.copy_timestamp(folder, autograded) if folder.is_dir() and not folder.is_symlink() else None
+                    stamp = gradebook.copy_files(folder, autograded, course.source(assignment),
+                                                 list(course.dir.ignore))
                     gradebook.save(course.db_url, assignment, student, name, nb, autograded, stamp)
                 except Exception as error:  # noqa: BLE001
                     row.reasons.append(f"and the gradebook could not be written: {type(error).__name__}: {error}")
