@@ -22,6 +22,22 @@ c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "*.png
 c.Execute.timeout = 120
 c.ExecutePreprocessor.timeout = 120
 
+# The exchange: how `release_assignment`, the students' fetch and submit (JupyterLab's Nbgrader →
+# Assignment List), `collect` and `release_feedback` move notebooks. It is a directory every user
+# of the machine can write to, nbgrader's default /srv/nbgrader/exchange. It is the machine's
+# setting, not the course's, so it is not set here. Create it once, as root:
+#     mkdir -p /srv/nbgrader/exchange && chmod 0777 /srv/nbgrader/exchange
+# Until it exists the Formgrader warns and Release / Collect are unavailable. Students do not have
+# this course directory, so the settings they need go in a config that every account reads too,
+# /etc/jupyter/nbgrader_config.py on a shared machine (or the image of a JupyterHub's single-user
+# servers, with the exchange a volume mounted in all of them):
+#     c = get_config()
+#     c.CourseDirectory.course_id = "d2lite"
+#     c.Exchange.root = "/srv/nbgrader/exchange"
+# Several courses on one machine: add c.Exchange.path_includes_course = True to both configs.
+# Submissions land in submitted/<student>/batch_norm/, the student id being the account's name
+# (on JupyterHub, the hub's user name). tests/test_browser.py runs this whole path in Chromium.
+
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
 c.ClearHiddenTests.begin_test_delimeter = "BEGIN HIDDEN TESTS"
