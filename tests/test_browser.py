@@ -107,8 +107,15 @@ def answer_questions(lab, text: str) -> int:
 
 
 def run_all(lab, path, timeout=180):
+    """Run → Run All Cells; waits until the first code cell has run again and the kernel is idle,
+    then saves and returns the notebook as saved."""
+    first = lab.page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").first
+    before = first.inner_text()
     lab.menu("Run", "Run All Cells")
-    lab.page.wait_for_timeout(1000)
+    deadline = time.monotonic() + 60
+    while (now := first.inner_text()) == before or "*" in now:
+        assert time.monotonic() < deadline, f"the first cell did not run: {now!r}"
+        lab.page.wait_for_timeout(200)
     lab.wait_kernel_idle(timeout=timeout)
     return lab.save(path)
 
