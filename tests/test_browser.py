@@ -296,6 +296,7 @@ class Course:
         lab.page.keyboard.type(WRITTEN_ANSWER)
         lab.page.keyboard.press("Control+Enter")
         lab.save(work / "00_from_scratch.ipynb")
+        lab.shot("exchange-filled-in")
 
         page = self.assignment_list()
         fetched = page.locator("#fetched_assignments_list .list_item", has_text=ASSIGNMENT)
@@ -422,6 +423,7 @@ def test_instructor_grades_and_student_reads_feedback(course):
     while not (found := list(course.home.glob(f"{ASSIGNMENT}/feedback/*/00_from_scratch.html"))):
         assert time.monotonic() < deadline, "no feedback fetched"
         time.sleep(0.5)
+    course.student_lab.shot("assignments-feedback-fetched")
     relative = found[0].relative_to(course.home)
     page.goto(course.student.link(f"files/{relative}"))
     text = page.locator("body").inner_text()
