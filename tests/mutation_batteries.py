@@ -365,12 +365,16 @@ def _recompute(ns):
 
 
 # --------------------------------------------------------------------------------------- 07_lite
+def _affine_inputs(shape, params, seed, dtype):
+    """(X, gamma, beta) needing grad: X of ``shape``, gamma in [0.5, 1.5) and beta of shape ``params``."""
+    X = rand(shape, seed, dtype, 2.0, 1.0, grad=True)
+    gamma = (torch.rand(params, generator=gen(seed + 1), dtype=dtype) + 0.5).requires_grad_()
+    return X, gamma, rand(params, seed + 2, dtype, grad=True)
+
+
 def _lite_case(shape, dtype, mode, eps, seed):
     def call(ns):
-        C = shape[1]
-        X = rand(shape, seed, dtype, 2.0, 1.0, grad=True)
-        gamma = (torch.rand(C, generator=gen(seed + 1), dtype=dtype) + 0.5).requires_grad_()
-        beta = rand((C,), seed + 2, dtype, grad=True)
+        X, gamma, beta = _affine_inputs(shape, (shape[1],), seed, dtype)
         return with_grads(lambda X, g, b: ns["batch_norm_lite"](X, g, b, mode, eps) if eps else
                           ns["batch_norm_lite"](X, g, b, mode), (X, gamma, beta))
     return (f"batch_norm_lite{shape} {dtype} {mode} eps={eps}" + (" (raises)" if mode not in ("full", "center", "scale") else ""), call)
@@ -406,19 +410,14 @@ BATTERY_07 = battery(*[_lite_case(shape, dtype, mode, eps, seed) for seed, (shap
 # ---------------------------------------------------------------------------- 08_other_normalizations
 def _ln_case(shape, eps, seed):
     def call(ns):
-        X = rand(shape, seed, F64, 2.0, 1.0, grad=True)
-        g = (torch.rand(shape[1:], generator=gen(seed + 1), dtype=F64) + 0.5).requires_grad_()
-        b = rand(shape[1:], seed + 2, F64, grad=True)
+        X, g, b = _affine_inputs(shape, tuple(shape[1:]), seed, F64)
         return with_grads(lambda X, g, b: ns["layer_norm"](X, g, b, eps) if eps else ns["layer_norm"](X, g, b), (X, g, b))
     return (f"layer_norm{shape} eps={eps}", call)
 
 
 def _gn_case(shape, groups, eps, seed, dtype=F64):
     def call(ns):
-        C = shape[1]
-        X = rand(shape, seed, dtype, 2.0, 1.0, grad=True)
-        g = (torch.rand(C, generator=gen(seed + 1), dtype=dtype) + 0.5).requires_grad_()
-        b = rand((C,), seed + 2, dtype, grad=True)
+        X, g, b = _affine_inputs(shape, (shape[1],), seed, dtype)
         return with_grads(lambda X, g, b: ns["group_norm"](X, groups, g, b, eps) if eps else
                           ns["group_norm"](X, groups, g, b), (X, g, b))
     return (f"group_norm{shape} G={groups} eps={eps} {dtype}", call)
