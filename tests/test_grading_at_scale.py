@@ -194,7 +194,14 @@ def _cli(root: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([str(Path(sys.executable).parent / "d2lite"), "grade", ASSIGNMENT, "--course", str(root),
                              "--no-progress", "--notebook", NB, "--notebook", FAST, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **nbgrader_env()})
+                            env={**os.environ, **nbgrader_env()}, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    # A shell that starts a job in the background (`cmd &` without job control, as CI runners
+    # may) makes it ignore SIGINT, and the ignoring is inherited: the Ctrl-C sent below would do
+    # nothing. Give the CLI the default disposition back (Python then raises KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 RESUMED = ["honest", "mistake_eps_forgotten", "mistake_wrong_axes", "patch_d2lite_assert_close", "corrupt_json",
