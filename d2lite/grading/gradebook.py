@@ -2,6 +2,8 @@
 nbgrader's own SaveAutoGrades preprocessor, and the autograded notebooks beside them."""
 from __future__ import annotations
 
+import fnmatch
+import os
 import shutil
 from pathlib import Path
 
@@ -72,9 +74,6 @@ MAX_COPIED = 64 << 20  # bytes of a submission's other files copied to autograde
 def _plain_files(folder: Path, ignore: list[str]):
     """The regular files under ``folder`` that are not notebooks, not links and not under a link,
     and that match none of the course's ignore patterns (CourseDirectory.ignore)."""
-    import fnmatch
-    import os
-
     if not folder.is_dir() or folder.is_symlink():
         return
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -95,13 +94,13 @@ def copy_files(submission_dir: Path, autograded_dir: Path, source_dir: Path, ign
     files from the source directory over them, as `nbgrader autograde` does. Links are never
     followed and at most MAX_COPIED bytes are copied. Returns the submission's timestamp, if any."""
     autograded_dir.mkdir(parents=True, exist_ok=True)
-    total = 0
-    for folder, capped in ((submission_dir, True), (source_dir, False)):
+    for folder, left in ((submission_dir, MAX_COPIED), (source_dir, None)):  # the instructor's: no cap
         for rel in _plain_files(folder, ignore):
-            size = (folder / rel).stat().st_size
-            if capped and total + size > MAX_COPIED:
-                continue
-            total += size if capped else 0
+            if left is not None:
+                size = (folder / rel).stat().st_size
+                if size > left:
+                    continue
+                left -= size
             dest = autograded_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.is_symlink() or dest.exists():

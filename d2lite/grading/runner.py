@@ -621,6 +621,7 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
         bar = tqdm(total=len(tasks), unit="notebook", desc=f"grading {assignment}", dynamic_ncols=True,
                    disable=None if progress is None else not progress)  # None: shown on a terminal only
         failures = 0
+        stamps: dict[str, str | None] = {}  # student -> the timestamp copy_files found
         course.ledgers.mkdir(parents=True, exist_ok=True)
         with open(course.ledgers / f"{assignment}.jsonl", "a") as ledger_file:
             for future in runner.as_completed(list(futures)):
@@ -637,11 +638,12 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
                 row = Row(**result["row"])
                 try:
                     nb = nbformat.reads(result["autograded"], as_version=4)
-                    folder = course.submitted(student, assignment)
                     autograded = course.autograded(student, assignment)
-                    stamp = gradebook.copy_files(folder, autograded, course.source(assignment),
-                                                 list(course.dir.ignore))
-                    gradebook.save(course.db_url, assignment, student, name, nb, autograded, stamp)
+                    if student not in stamps:  # a submission's other files: once, not per notebook
+                        stamps[student] = gradebook.copy_files(
+                            course.submitted(student, assignment), autograded, course.source(assignment),
+                            list(course.dir.ignore))
+                    gradebook.save(course.db_url, assignment, student, name, nb, autograded, stamps[student])
                 except Exception as error:  # noqa: BLE001
                     row.reasons.append(f"and the gradebook could not be written: {type(error).__name__}: {error}")
                 else:
