@@ -104,9 +104,6 @@ class LabServer:
         with urllib.request.urlopen(self.link(path), timeout=5) as response:
             return json.loads(response.read())
 
-    def kernels_idle(self) -> bool:
-        return all(k["execution_state"] == "idle" for k in self.api("api/kernels"))
-
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
@@ -151,10 +148,10 @@ class Lab:
     def wait_kernel_idle(self, timeout: float = 120, settle: float = 1.0):
         """Until the notebook's kernel is idle and no cell shows [*] for ``settle`` seconds."""
         deadline, quiet_since = time.monotonic() + timeout, None
-        status = self.page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").first
         while time.monotonic() < deadline:
-            busy = self.page.locator(".jp-InputPrompt", has_text="[*]").count() > 0
-            busy = busy or not self.server.api("api/kernels") or not self.server.kernels_idle()
+            kernels = self.server.api("api/kernels")
+            busy = (not kernels or any(k["execution_state"] != "idle" for k in kernels)
+                    or self.page.locator(".jp-InputPrompt", has_text="[*]").count() > 0)
             if busy:
                 quiet_since = None
             elif quiet_since is None:
@@ -162,8 +159,7 @@ class Lab:
             elif time.monotonic() - quiet_since >= settle:
                 return
             time.sleep(0.25)
-        raise TimeoutError(f"the kernel stayed busy for {timeout} s ({status.count()} status items)\n"
-                           + self.server.log())
+        raise TimeoutError(f"the kernel stayed busy for {timeout} s\n" + self.server.log())
 
     def menu(self, *labels: str):
         """Clicks through the menu bar, e.g. menu("Run", "Run All Cells")."""

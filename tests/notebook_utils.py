@@ -22,6 +22,11 @@ def nbgrader_meta(cell) -> dict:
     return cell.get("metadata", {}).get("nbgrader", {})
 
 
+def cell_by_id(nb, grade_id: str):
+    """The cell of ``nb`` with this nbgrader grade id."""
+    return next(c for c in nb.cells if nbgrader_meta(c).get("grade_id") == grade_id)
+
+
 def grade_cells(nb) -> list:
     return [c for c in nb.cells if nbgrader_meta(c).get("grade")]
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from browser_utils import CHROMIUM, Lab, LabServer, copy_release, missing
-from notebook_utils import ASSIGNMENT, CHAPTERS, NOTEBOOKS, ROOT, SOLUTIONS, nbgrader_meta, new_course, read
+from notebook_utils import (ASSIGNMENT, CHAPTERS, NOTEBOOKS, ROOT, SOLUTIONS, cell_by_id, nbgrader_env, nbgrader_meta,
+                            new_course, read)
+from test_trusted_grading import MISSING as GRADER_MISSING
 
 MISSING = missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"browser unavailable: {MISSING}")
@@ -28,16 +30,10 @@ VIEWPORT = {"width": 1400, "height": 900}
 
 def solution_body(notebook: str, grade_id: str) -> list[str]:
     """The lines between BEGIN and END SOLUTION of a reference solution cell: what a student types."""
-    cell = next(c for c in read(SOLUTIONS / f"{notebook}.ipynb").cells
-                if nbgrader_meta(c).get("grade_id") == grade_id)
-    lines = cell.source.splitlines()
+    lines = cell_by_id(read(SOLUTIONS / f"{notebook}.ipynb"), grade_id).source.splitlines()
     begin = next(i for i, l in enumerate(lines) if "### BEGIN SOLUTION" in l)
     end = next(i for i, l in enumerate(lines) if "### END SOLUTION" in l)
     return lines[begin + 1:end]
-
-
-def by_id(nb, grade_id: str):
-    return next(c for c in nb.cells if nbgrader_meta(c).get("grade_id") == grade_id)
 
 
 def errors(cell) -> list[str]:
@@ -89,21 +85,24 @@ def fill_solution(lab, grade_id: str, notebook: str, signature: str):
     return lab.cell(signature)
 
 
+def answer_question(lab, text: str) -> bool:
+    """Types ``text`` over the first "YOUR ANSWER HERE" of the open notebook; False if none is left."""
+    cell = lab.page.locator(".jp-MarkdownCell", has_text="YOUR ANSWER HERE").first
+    if not cell.count():
+        return False
+    cell.scroll_into_view_if_needed()
+    cell.locator(".jp-MarkdownOutput").dblclick()  # a rendered cell opens its editor
+    lab.replace_line(cell, "YOUR ANSWER HERE", text)
+    lab.page.keyboard.press("Control+Enter")  # renders it again
+    return True
+
+
 def answer_questions(lab, text: str) -> int:
     """Types ``text`` over every "YOUR ANSWER HERE" of the open notebook's written answers."""
     count = 0
-    while True:
-        cell = lab.page.locator(".jp-MarkdownCell", has_text="YOUR ANSWER HERE").first
-        if not cell.count():
-            return count
-        cell.scroll_into_view_if_needed()
-        cell.locator(".jp-MarkdownOutput").dblclick()  # a rendered cell opens its editor
-        cell.locator(".cm-line", has_text="YOUR ANSWER HERE").click()
-        lab.page.keyboard.press("End")
-        lab.page.keyboard.press("Shift+Home")
-        lab.page.keyboard.type(text)
-        lab.page.keyboard.press("Control+Enter")  # renders it again
+    while answer_question(lab, text):
         count += 1
+    return count
 
 
 def run_all(lab, path, timeout=180):
@@ -160,7 +159,7 @@ def test_student_path(student, notebook):
     assert answer_questions(lab, "Batch statistics are noisy; the running ones are estimates.") == questions
     nb = lab.save(path)
     for grade_id, _ in solutions:  # what the keys made is the solution, nothing else
-        typed = by_id(nb, grade_id).source
+        typed = cell_by_id(nb, grade_id).source
         assert "\n".join(solution_body(notebook, grade_id)) in typed, typed
         assert "NotImplementedError" not in typed, typed
 
@@ -178,11 +177,11 @@ def test_student_path(student, notebook):
 
     lab.replace_line(lab.cell(where), old, new)
     nb = run_all(lab, path)
-    assert new.strip() in by_id(nb, solutions[[s for _, s in solutions].index(where)][0]).source
-    message = "\n".join(errors(by_id(nb, failing_id)))
+    assert new.strip() in cell_by_id(nb, solutions[[s for _, s in solutions].index(where)][0]).source
+    message = "\n".join(errors(cell_by_id(nb, failing_id)))
     assert "expected" in message and "got" in message, message
     assert fragment in message, message
-    failing = lab.cell(by_id(nb, failing_id).source.splitlines()[0])
+    failing = lab.cell(cell_by_id(nb, failing_id).source.splitlines()[0])
     failing.scroll_into_view_if_needed()
     output = failing.locator(".jp-OutputArea")
     assert fragment in output.inner_text()
@@ -192,7 +191,7 @@ def test_student_path(student, notebook):
 
     box, text = validate(lab)
     assert "The following cell failed" in text, text
-    assert by_id(nb, failing_id).source.splitlines()[0] in text, text  # the failing cell, named
+    assert cell_by_id(nb, failing_id).source.splitlines()[0] in text, text  # the failing cell, named
     lab.shot(f"{notebook}-5-validate-fails", box)
     lab.close_dialog()
 
@@ -260,7 +259,6 @@ class Course:
         lab.page.goto(self.student.link("lab", reset=None))
         lab.page.locator(".jp-LabShell").wait_for()
         lab.menu("Nbgrader", "Assignment List")
-        panel = lab.page.locator("#released_assignments_list").locator("xpath=ancestor::div[contains(@class,'lm-Widget')][1]")
         return lab.page
 
     def exchange_flow(self):
@@ -288,13 +286,7 @@ class Course:
         cell = fill_solution(lab, "batch_norm_impl", "00_from_scratch", "def batch_norm(")
         lab.replace_line(cell, "new_var = (1 - momentum) * moving_var",
                          "new_var = (1 - momentum) * moving_var + momentum * var")  # biased
-        question = lab.page.locator(".jp-MarkdownCell", has_text="YOUR ANSWER HERE").first
-        question.locator(".jp-MarkdownOutput").dblclick()
-        question.locator(".cm-line", has_text="YOUR ANSWER HERE").click()
-        lab.page.keyboard.press("End")
-        lab.page.keyboard.press("Shift+Home")
-        lab.page.keyboard.type(WRITTEN_ANSWER)
-        lab.page.keyboard.press("Control+Enter")
+        assert answer_question(lab, WRITTEN_ANSWER)
         lab.save(work / "00_from_scratch.ipynb")
         lab.shot("exchange-filled-in")
 
@@ -320,12 +312,9 @@ WRITTEN_ANSWER = "The running statistics would keep every training step's autogr
 @pytest.fixture(scope="module")
 def course(tmp_path_factory, browser):
     base = tmp_path_factory.mktemp("course")
-    saved_path = os.environ["PATH"]
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved_path}"  # nbgrader runs alembic
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", nbgrader_env()["PATH"])  # generate_assignment runs alembic
         course = Course(base, browser)
-    finally:
-        os.environ["PATH"] = saved_path
     yield course
     course.close()
 
@@ -333,19 +322,9 @@ def course(tmp_path_factory, browser):
 def test_exchange_release_fetch_submit_collect(course):
     submission = course.exchange_flow()
     nb = read(submission / "00_from_scratch.ipynb")
-    assert "momentum * var\n" in by_id(nb, "batch_norm_impl").source + "\n"
-    assert WRITTEN_ANSWER in by_id(nb, "why_no_graph").source
+    assert "momentum * var\n" in cell_by_id(nb, "batch_norm_impl").source + "\n"
+    assert WRITTEN_ANSWER in cell_by_id(nb, "why_no_graph").source
     assert (submission / "timestamp.txt").is_file()
-
-
-def _grader_missing():
-    from d2lite.grading import sandbox
-
-    try:
-        sandbox.check_features()
-    except sandbox.SandboxUnavailable as error:
-        return str(error)
-    return None
 
 
 def reference_lines(notebook: str) -> set[str]:
@@ -362,15 +341,13 @@ def reference_lines(notebook: str) -> set[str]:
 
 
 def test_instructor_grades_and_student_reads_feedback(course):
-    missing_grader = _grader_missing()
-    if missing_grader:
-        pytest.skip(f"d2lite grade's sandbox unavailable: {missing_grader}")
+    if GRADER_MISSING:
+        pytest.skip(f"d2lite grade's sandbox unavailable: {GRADER_MISSING}")
     submission = course.exchange_flow()
     student = submission.parent.name
     graded = subprocess.run([str(Path(sys.executable).parent / "d2lite"), "grade", ASSIGNMENT,
                              "--course", str(course.root), "--no-progress"],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+                            capture_output=True, text=True, timeout=600, env=nbgrader_env())
     assert graded.returncode == 0, graded.stdout[-3000:] + graded.stderr[-3000:]
 
     from nbgrader.api import Gradebook

@@ -15,8 +15,8 @@ import torch
 from nbgrader.api import Gradebook
 from nbgrader.apps import NbGraderAPI
 
-from notebook_utils import (ASSIGNMENT, NOTEBOOKS, SOLUTIONS, nbgrader_config, nbgrader_env, nbgrader_meta,
-                            new_course, read)
+from notebook_utils import (ASSIGNMENT, NOTEBOOKS, SOLUTIONS, cell_by_id, nbgrader_config, nbgrader_env,
+                            nbgrader_meta, new_course, read)
 from test_grading import MISTAKES, _implementation
 
 from d2lite.grading import sandbox
@@ -49,8 +49,6 @@ def _solution(nb, source):
     raise AssertionError("no batch_norm_impl cell")
 
 
-def _cell(nb, grade_id):
-    return next(c for c in nb.cells if nbgrader_meta(c).get("grade_id") == grade_id)
 
 
 def _with(source, prefix="", suffix=""):
@@ -59,7 +57,7 @@ def _with(source, prefix="", suffix=""):
 
 
 def _tampered_test_cell(nb):
-    _cell(nb, "test_eps").source = "pass  # the student's own version of the test"
+    cell_by_id(nb, "test_eps").source = "pass  # the student's own version of the test"
     return nb
 
 
@@ -69,7 +67,7 @@ def _deleted_test_cell(nb):
 
 
 def _retyped_test_cell(nb):
-    cell = _cell(nb, "test_eps")
+    cell = cell_by_id(nb, "test_eps")
     index = nb.cells.index(cell)
     new = nbformat.v4.new_markdown_cell(cell.source)
     new.metadata = cell.metadata
@@ -78,7 +76,7 @@ def _retyped_test_cell(nb):
 
 
 def _duplicated_test_cell(nb):
-    cell = _cell(nb, "test_eps")
+    cell = cell_by_id(nb, "test_eps")
     nb.cells.insert(nb.cells.index(cell), nbformat.from_dict(json.loads(json.dumps(cell))))
     return nb
 
