@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="hide the progress bar (shown on a terminal)")
     args = parser.parse_args(argv)
     if args.command == "grade":
+        from .grading.errors import GradingError
         from .grading.runner import grade
         from .grading.sandbox import Limits, SandboxUnavailable
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                   args.refresh_reference, Path(args.report) if args.report else None,
                   notebooks=args.notebook or None, workers=args.workers, scheduler=args.scheduler,
                   force=args.force, progress=args.progress)
-        except SandboxUnavailable as error:
+        except (GradingError, SandboxUnavailable) as error:
             raise SystemExit(f"d2lite grade: {error}") from None
         return 0
     compare(args)

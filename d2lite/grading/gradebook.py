@@ -9,6 +9,8 @@ from pathlib import Path
 
 import nbformat
 
+from .errors import GradingError
+
 __all__ = ["copy_files", "graded_notebooks", "instructor_cells", "notebook_names", "save"]
 
 
@@ -19,7 +21,7 @@ def notebook_names(db_url: str, assignment: str) -> list[str]:
         try:
             return sorted(nb.name for nb in gb.find_assignment(assignment).notebooks)
         except MissingEntry:
-            raise SystemExit(f"the gradebook has no assignment {assignment!r}: run `nbgrader "
+            raise GradingError(f"the gradebook has no assignment {assignment!r}: run `nbgrader "
                              f"generate_assignment {assignment}` first") from None
 
 

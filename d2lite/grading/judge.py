@@ -1,107 +1,112 @@
-"""The verdict, taken in the trusted process: the student's records against the reference's, and
-the checks of the student's source."""
+"""The verdicts: the checker's records (and the source policy's findings) -> each test cell's points,
+the autograded notebook's outputs and the report's reasons."""
 from __future__ import annotations
 
-from collections import defaultdict
+import json
 from dataclasses import dataclass
 
-from .probes import decode
+import nbformat
 
-__all__ = ["Verdict", "cell_events", "judge_cell", "forbidden_ops"]
+from .rebuild import Rebuilt, nbgrader_meta
+
+__all__ = ["Verdict", "read_records", "cell_events", "judge", "compose"]
+
+MAX_TEXT = 20_000
 
 
 @dataclass
 class Verdict:
     passed: bool
-    message: str = ""      # "expected X, got Y\nHint: ..." for a failure
+    message: str = ""      # what the student reads: "expected X, got Y\nHint: ..." for a failure
     reason: str = ""       # a short reason for the report
+    where: str = ""        # the test's own line that failed ("" for a hidden test)
 
 
-def cell_events(records) -> dict[int, dict]:
-    """index -> {"records": [...], "end": the cell_end record or None} for one run's records."""
-    cells: dict[int, dict] = {}
-    current = None
+def read_records(data: bytes) -> list[dict]:
+    """The checker's records, one JSON object a line; a line cut short (the checker was killed) ends them."""
+    out = []
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(record, dict):
+            break
+        out.append(record)
+    return out
+
+
+def cell_events(records: list[dict]) -> tuple[dict[int, dict], list[str]]:
+    """index -> the cell's end record (only cells that ended), and the checker's notes."""
+    ends, notes = {}, []
     for record in records:
-        kind = record.get("t")
-        if kind == "cell_start" and isinstance(record.get("index"), int):
-            current = cells.setdefault(record["index"], {"records": [], "end": None})
-        elif kind == "cell_end" and current is not None:
-            current["end"] = record
-            current = None
-        elif current is not None and kind in ("close", "assert", "assert_msg", "trace"):
-            current["records"].append(record)
-    return cells
+        if record.get("t") == "cell_end" and isinstance(record.get("index"), int):
+            ends[record["index"]] = record
+        elif record.get("t") == "note":
+            notes.append(str(record.get("text", ""))[:300])
+    return ends, notes
 
 
-def forbidden_ops(ops, structure: set[str]) -> list[str]:
-    keys = {k for k in ("batch_norm", "layer_norm", "group_norm") if any(k in s for s in structure)}
-    if any("instance_norm" in s for s in structure):
-        keys.add("batch_norm")  # instance norm dispatches to native_batch_norm
-    return sorted(op for op in ops if isinstance(op, str) and any(k in op for k in keys))
+def _text(value, limit=MAX_TEXT) -> str:
+    return str(value if value is not None else "")[:limit]
 
 
-def _close(student: dict, reference: dict) -> str | None:
-    from d2lite.checks import assert_close
+def judge(rebuilt: Rebuilt, ends: dict[int, dict], structural: set[int], flags: list, stopped: str) -> dict[int, Verdict]:
+    """Each test cell's verdict. A test passes only if the checker says so; a structural test also
+    needs no ``structure``/``machinery`` finding of the source policy."""
+    concerns = [f for f in flags if f.kind in ("structure", "machinery")]
+    verdicts = {}
+    for i, role in enumerate(rebuilt.roles):
+        if role != "test":
+            continue
+        end = ends.get(i)
+        if end is None:
+            verdicts[i] = Verdict(False, f"This test did not run: {stopped}", "did not run")
+        elif end.get("ok") is True:
+            verdicts[i] = Verdict(True)
+        else:
+            message = _text(end.get("message")) or "this test failed"
+            if end.get("hidden"):
+                where = ""
+            elif end.get("code"):
+                where = f"line {end.get('line')}: {_text(end.get('code'), 300)}"
+            else:
+                where = ""
+            verdicts[i] = Verdict(False, message, "failed: " + message.splitlines()[0][:160], where)
+        if verdicts[i].passed and i in structural and concerns:
+            flag = concerns[0]
+            verdicts[i] = Verdict(False, f"0 points for this check: {flag}", f"flagged ({flag.kind})", "")
+    return verdicts
 
-    try:
-        actual = decode(student.get("actual"))
-        expected = decode(reference.get("expected"))
-    except (ValueError, TypeError) as error:
-        return f"{reference.get('what', 'the result')}: the value could not be read ({error})"
-    if isinstance(actual, dict):
-        return f"{reference.get('what', 'the result')}: expected a tensor, got {actual.get('unencodable', 'something else')}"
-    rtol, atol = reference.get("rtol"), reference.get("atol")
-    try:
-        assert_close(actual, expected, reference.get("what") or "the result", rtol=rtol, atol=atol,
-                     hint=reference.get("hint"))
-    except AssertionError as error:
-        return str(error)
-    except Exception as error:  # noqa: BLE001 — a value assert_close cannot take
-        return f"{reference.get('what', 'the result')}: {type(error).__name__}: {error}"
-    return None
+
+def compose(rebuilt: Rebuilt, ends: dict[int, dict], verdicts: dict[int, Verdict]) -> None:
+    """The autograded notebook's outputs: what each cell printed, the student's own errors, and for
+    each failed test its line (unless hidden) and message, never the grader's internals."""
+    for i, cell in enumerate(rebuilt.nb.cells):
+        if cell.cell_type != "code":
+            continue
+        cell.outputs, cell.execution_count = [], None
+        end = ends.get(i) or {}
+        if end.get("stdout"):
+            cell.outputs.append(nbformat.v4.new_output("stream", name="stdout", text=_text(end["stdout"])))
+        if i in verdicts:
+            v = verdicts[i]
+            if not v.passed:
+                head = f"Test failed at {v.where}" if v.where else "A hidden test of this cell failed"
+                cell.outputs.append(nbformat.v4.new_output(
+                    "error", ename="AssertionError", evalue=v.message, traceback=[head, "AssertionError: " + v.message]))
+            continue
+        if end and end.get("ok") is False:
+            error = end.get("error") or {}
+            cell.outputs.append(nbformat.v4.new_output(
+                "error", ename=_text(error.get("ename", "Error"), 100), evalue=_text(error.get("evalue", "")),
+                traceback=[_text(t, 300) for t in (error.get("traceback") or [])][:3]
+                + [f"{_text(error.get('ename', 'Error'), 100)}: {_text(error.get('evalue', ''), 2000)}"]))
 
 
-def judge_cell(student: dict | None, reference: dict, structure: set[str]) -> Verdict:
-    """One test cell: every check the reference ran must run again and hold on the student's values,
-    every assert must hold, the cell must end without error, and no forbidden op may be dispatched."""
-    if student is None or student.get("end") is None:
-        return Verdict(False, "The notebook stopped before this test cell finished (it timed out, ran "
-                              "out of memory, exited or crashed in an earlier cell).", "did not run")
-    refs = defaultdict(list)
-    for record in reference["records"]:
-        if record["t"] == "close":
-            refs[record["site"]].append(record)
-    seen = defaultdict(int)
-    records = student["records"]
-    for i, record in enumerate(records):
-        kind = record.get("t")
-        if kind == "trace":
-            bad = forbidden_ops(record.get("ops", []), structure)
-            if bad:
-                return Verdict(False, f"your code ran {', '.join('aten.' + b for b in bad)}: implement the "
-                                      "computation yourself with tensor operations (mean, var, sqrt, ...)",
-                               "library op dispatched: " + ", ".join(bad))
-        elif kind == "close":
-            site = record.get("site")
-            k = seen[site]
-            seen[site] += 1
-            if k >= len(refs.get(site, [])):
-                return Verdict(False, f"{record.get('what', 'a check')}: this check ran more often than for the "
-                                      "reference solution, so its expected value is unknown",
-                               "check ran off the reference path")
-            problem = _close(record, refs[site][k])
-            if problem:
-                return Verdict(False, problem, "wrong value")
-        elif kind == "assert" and record.get("ok") is not True:
-            msg = next((r.get("msg") for r in records[i + 1:i + 2] if r.get("t") == "assert_msg"), None)
-            return Verdict(False, msg or "an assertion of this test failed", "assertion failed")
-    end = student["end"]
-    if not end.get("ok"):
-        error = end.get("error") or {}
-        return Verdict(False, f"{error.get('ename', 'Error')}: {error.get('evalue', '')}".strip(),
-                       f"raised {error.get('ename', 'an error')}")
-    for site, expected in refs.items():
-        if seen[site] < len(expected):
-            return Verdict(False, f"{expected[seen[site]].get('what', 'a check')}: this check did not run "
-                                  f"({seen[site]} of {len(expected)} times)", "check skipped")
-    return Verdict(True)
+def points(rebuilt: Rebuilt, verdicts: dict[int, Verdict]) -> tuple[float, float]:
+    score = sum(float(nbgrader_meta(rebuilt.nb.cells[i]).get("points", 0)) for i, v in verdicts.items() if v.passed)
+    most = sum(float(nbgrader_meta(rebuilt.nb.cells[i]).get("points", 0)) for i in verdicts)
+    return score, most

@@ -1,10 +1,19 @@
-"""Checks of the student's own source, taken outside the sandbox: no reaching into the machinery,
-and no library normalization where a structural test says "does the work itself".
+"""The source policy: a teaching aid and defence in depth, not the boundary.
 
-The base is RestrictedPython's policy (Zope's, maintained for two decades): no names or attributes
-beginning with an underscore, no exec/eval. On top: no getattr/setattr/vars/globals/compile/
-__import__/get_ipython, no imports of introspection or code-loading modules, no attribute writes on
-imported modules (``d2lite.assert_close = ...``), and no ``torch.ops``/``torch.library``.
+Grades do not depend on it: the tests run in the checker, outside the student's process, and judge
+values (checker.py). The policy reads the student's code as IPython will run it (after its input
+transforms: a leading ``%magic``, an indented cell, ``>>> `` prompts) and reports what graded code
+should not do, each finding with its line:
+
+- ``syntax``: the cell cannot be parsed even after the transforms (it fails when it runs);
+- ``structure``: a solution cell names a library normalization (``F.batch_norm``, ``nn.BatchNorm1d``);
+- ``machinery``: code that reaches into the runtime (RestrictedPython's policy, Zope's: no names or
+  attributes beginning with an underscore, no exec/eval; plus no getattr/setattr on modules,
+  vars/globals/compile/__import__/get_ipython, no imports of introspection or code-loading modules,
+  no attribute writes on imported modules, no ``torch.ops``/``torch.library``).
+
+A ``structure`` or ``machinery`` finding costs only the points of the checks it concerns: the
+structural ("does the work itself") tests, whose library block runs inside the student's process.
 """
 from __future__ import annotations
 
@@ -30,13 +39,14 @@ FORBIDDEN_MODULES = {"importlib", "ctypes", "gc", "inspect", "sys", "builtins", 
 FORBIDDEN_ATTRIBUTES = {"ops", "library", "overrides", "f_globals", "f_locals", "f_back", "gi_frame"}
 MODULE_NAMES = {"torch", "nn", "F", "d2lite", "np", "numpy", "plt", "matplotlib", "math", "os", "random",
                 "functools", "itertools", "copy", "collections", "torchvision", "tqdm", "nbformat"}
+# magics an honest notebook uses (they measure or display, and reach nothing)
+HARMLESS_MAGICS = {"time", "timeit", "matplotlib", "precision", "who", "whos", "pwd", "config", "prun"}
 _KEYWORDS = ("batch_norm", "instance_norm", "layer_norm", "group_norm")
 
 
 @dataclass(frozen=True)
 class Flag:
-    """One finding: ``kind`` is "machinery" (loses the notebook's autograded points) or "structure"
-    (loses the points of the notebook's does-the-work-itself tests)."""
+    """One finding: ``kind`` is "syntax", "structure" or "machinery" (see the module's docstring)."""
 
     kind: str
     cell: str
@@ -79,11 +89,22 @@ def _root(node: ast.AST) -> ast.AST:
     return node
 
 
+def transform(source: str) -> str:
+    """The cell's code as IPython will run it (its input transforms applied)."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    try:
+        return TransformerManager().transform_cell(source)
+    except Exception:  # noqa: BLE001 — a cell the transforms cannot take is checked as written
+        return source
+
+
 def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
                structure: set[str] = frozenset()) -> list[Flag]:
-    """Findings in one student-written code cell (its text as submitted)."""
+    """Findings in one student-written code cell, read as it will run (after IPython's transforms)."""
     from RestrictedPython import compile_restricted_exec
 
+    source = transform(source)
     lines = source.splitlines()
 
     def quote(lineno: int | None) -> str:
@@ -93,8 +114,11 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
 
     try:
         tree = ast.parse(source)
-    except SyntaxError:
-        return []  # it fails when it runs: the tests that need it fail with the SyntaxError
+    except SyntaxError as error:
+        return [Flag("syntax", cell, error.lineno or 0, quote(error.lineno),
+                     f"cannot be parsed as Python ({error.msg}); the cell fails when it runs")]
+    except (ValueError, RecursionError, MemoryError) as error:
+        return [Flag("syntax", cell, 0, "", f"cannot be parsed ({type(error).__name__})")]
     flags: list[Flag] = []
     for error in compile_restricted_exec(source).errors:
         match = re.match(r"Line (\d+): (.*)", error)
@@ -108,6 +132,11 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
             continue
         flags.append(Flag("machinery", cell, lineno or 0, quote(lineno), f"not allowed in graded code: {why}"))
     imported = _imported_names(tree)
+    magics = {id(node.func.value.func) for node in ast.walk(tree)  # get_ipython() of an allowed %magic
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("run_line_magic", "run_cell_magic") and isinstance(node.func.value, ast.Call)
+              and isinstance(node.func.value.func, ast.Name) and node.func.value.func.id == "get_ipython"
+              and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in HARMLESS_MAGICS}
     modules = MODULE_NAMES | set(module_names) | imported
     called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     for node in ast.walk(tree):
@@ -124,11 +153,12 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
             elif isinstance(attr, ast.Constant) and str(attr.value) in structure:
                 flags.append(Flag("structure", cell, line, quote(line),
                                   f"reaches the library's {attr.value} instead of doing the work itself"))
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FORBIDDEN_CALLS:
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FORBIDDEN_CALLS \
+                and id(node.func) not in magics:
             flags.append(Flag("machinery", cell, line, quote(line),
                               f"calls {node.func.id}(), which can reach into the grader's machinery"))
         elif isinstance(node, ast.Name) and node.id in FORBIDDEN_CALLS | ATTRIBUTE_FUNCTIONS \
-                and isinstance(node.ctx, ast.Load) and id(node) not in called:
+                and isinstance(node.ctx, ast.Load) and id(node) not in called and id(node) not in magics:
             flags.append(Flag("machinery", cell, line, quote(line), f"uses {node.id}, which can reach into the "
                               "grader's machinery"))
         elif isinstance(node, (ast.Import, ast.ImportFrom)):

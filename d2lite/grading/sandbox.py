@@ -20,6 +20,7 @@ __all__ = ["Limits", "Outcome", "SandboxUnavailable", "Warm", "check_features"]
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 DIRTY = 75  # the child's exit status when it found the private directories not empty after wiping
 GiB = 1 << 30
+CHECKER_PROCESSES = 32  # the checker's own processes and threads (it runs no student code)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -115,6 +116,17 @@ def remove_stale_cgroups() -> int:
 def _nobody() -> tuple[int, int]:
     entry = pwd.getpwnam("nobody")
     return entry.pw_uid, entry.pw_gid
+
+
+def checker_ids() -> tuple[int, int]:
+    """The uid and gid the checker runs as: unused ids just below `nobody`'s, so that the student's
+    process (`nobody`) can neither signal, trace nor read the checker."""
+    uid, gid = _nobody()
+    taken_uids = {e.pw_uid for e in pwd.getpwall()}
+    candidate = uid - 1
+    while candidate in taken_uids and candidate > 1000:
+        candidate -= 1
+    return candidate, candidate
 
 
 def _bwrap_args(ro_binds: list[Path], env: dict[str, str], disk: int = 64 << 20,
@@ -283,7 +295,9 @@ class Warm:
                 preexec_fn=self.cgroup.join, pass_fds=(theirs.fileno(),), close_fds=True)
             theirs.close()
             threading.Thread(target=self._drain, daemon=True).start()
+            checker_uid, checker_gid = checker_ids()
             self.sock.sendall(json.dumps({"uid": uid, "gid": gid, "cpu": limits.cpu,
+                                          "checker_uid": checker_uid, "checker_gid": checker_gid,
                                           "file_size": limits.file_size,
                                           "modules": sorted(modules),
                                           # read-only binds may lie under /tmp (a checkout in /tmp):
@@ -328,44 +342,62 @@ class Warm:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def run(self, stdin: bytes, limits: Limits | None = None, mode: bytes = b"F") -> Outcome:
-        """Run one notebook: ``stdin`` is the worker's job; the child writes records to fd 3
-        ($D2LITE_RECORDS_FD). Everything the child started is killed when it ends, times out or
-        exceeds a cap, before this returns; then a cleaning child empties the private directories
-        for the next notebook. A server that cannot be made clean is closed (the caller starts
-        another)."""
+    def _fork(self, cgroup: "_Cgroup", role: str, fds: list[int]) -> int:
+        """Fork one child of the server inside ``cgroup`` (the server enters it, forks, and leaves)."""
+        cgroup.adopt(self.pid)
+        try:
+            self.sock.settimeout(60)
+            socket.send_fds(self.sock, [b"F" + json.dumps({"role": role}).encode()], fds)
+            forked = self._receive()
+        finally:
+            self.cgroup.adopt(self.pid)
+        if "forked" not in forked:
+            raise SandboxUnavailable(f"the warm sandbox did not fork: {forked}")
+        return forked["forked"]
+
+    def _wait(self, pids: list[int], timeout: float = 30) -> dict:
+        self.sock.settimeout(timeout)
+        socket.send_fds(self.sock, [b"W" + json.dumps({"pids": pids}).encode()], [])
+        return self._receive().get("exit", {})
+
+    def run(self, job: bytes, limits: Limits | None = None) -> Outcome:
+        """Run one notebook: a checker process (``job`` on its stdin, records on fd 3) and the
+        student's oracle process, each in a cgroup of its own, connected by two pipes. Everything
+        either started is killed when the checker ends, or at the wall clock or another cap, before
+        this returns; then a cleaning child empties the private directories for the next notebook.
+        A server that cannot be made clean is closed (the caller starts another)."""
         limits = limits or self.limits
-        cgroup = _Cgroup(limits, processes=None)
+        student = _Cgroup(limits, processes=None)
+        checker = _Cgroup(limits, processes=None)
         ours, theirs = [], []
         killed: list[str] = []
         start = time.monotonic()
+        pids: list[int] = []
         try:
-            for child_end in ("r", "w", "w"):  # the child's stdin, stdout+stderr, records
-                r, w = os.pipe()
-                theirs.append(r if child_end == "r" else w)
-                ours.append(w if child_end == "r" else r)
-            cgroup.adopt(self.pid)  # the server forks inside the notebook's cgroup, then leaves it
-            try:
-                self.sock.settimeout(60)
-                socket.send_fds(self.sock, [mode], theirs)
-                forked = self._receive()
-            finally:
-                self.cgroup.adopt(self.pid)
+            job_r, job_w = os.pipe()
+            out_r, out_w = os.pipe()
+            rec_r, rec_w = os.pipe()
+            req_r, req_w = os.pipe()      # checker -> oracle
+            rep_r, rep_w = os.pipe()      # oracle -> checker
+            ours = [job_w, out_r, rec_r]
+            theirs = [job_r, out_w, rec_w, req_r, req_w, rep_r, rep_w]
+            pids.append(self._fork(checker, "checker", [job_r, out_w, rec_w, req_w, rep_r]))
+            pids.append(self._fork(student, "student", [out_w, req_r, rep_w]))
             for fd in theirs:
                 os.close(fd)
             theirs = []
-            if "forked" not in forked:
-                raise SandboxUnavailable(f"the warm sandbox did not fork: {forked}")
-            cgroup.set_processes(limits.processes)
+            student.set_processes(limits.processes)
+            checker.set_processes(CHECKER_PROCESSES)
 
             def over(what):
                 def kill():
                     killed.append(what)
-                    cgroup.kill_all()
+                    student.kill_all()
+                    checker.kill_all()
                 return kill
 
             out_sink, rec_sink = {}, {}
-            job, out, rec = (os.fdopen(fd, how) for fd, how in zip(ours, ("wb", "rb", "rb")))
+            job_file, out, rec = (os.fdopen(fd, how) for fd, how in zip(ours, ("wb", "rb", "rb")))
             ours = []
             readers = [threading.Thread(target=_reader, args=(out, limits.output, 1 << 20, out_sink,
                                                                over("output")), daemon=True),
@@ -376,50 +408,50 @@ class Warm:
 
             def feed():
                 try:
-                    job.write(stdin)
+                    job_file.write(job)
                 except (BrokenPipeError, OSError):
                     pass
                 finally:
                     try:
-                        job.close()
+                        job_file.close()
                     except OSError:
                         pass
             threading.Thread(target=feed, daemon=True).start()
-            returncode = None
-            self.sock.settimeout(limits.wall)
-            try:
-                returncode = self._receive().get("exit")
-            except (TimeoutError, socket.timeout):
+            readers[1].join(timeout=limits.wall)  # the records end when the checker ends
+            if readers[1].is_alive():
                 killed.append("timeout")
-                cgroup.kill_all()
-                self.sock.settimeout(30)
-                returncode = self._receive().get("exit")
-            leftover = cgroup.kill_all()
+            else:  # the checker said goodbye: the oracle exits on its own, unless something of it stays
+                grace = time.monotonic() + 2
+                while student.procs() and time.monotonic() < grace:
+                    time.sleep(0.01)
+            leftover = student.kill_all()
+            checker.kill_all()
+            codes = self._wait(pids)
             for t in readers:
                 t.join(timeout=10)
             seconds = time.monotonic() - start
-            if not killed and cgroup.oom_killed() and returncode != 0:
+            if not killed and student.oom_killed():
                 killed.append("memory")
-            if cgroup.procs():  # survivors of a fork race: the server's PID namespace goes with them
+            returncode = codes.get(str(pids[1]))
+            if student.procs() or checker.procs():  # survivors of a fork race: the server's PID namespace goes with them
                 self.close()
             elif returncode == DIRTY:  # the notebook did not start: the caller runs it on a new server
                 self.close()
                 return Outcome(returncode=None, records=b"", output=out_sink.get("data", b""), output_bytes=0,
                                seconds=seconds, peak_memory=0,
                                notes=["the warm sandbox's private directories could not be emptied"])
-            elif mode == b"F":
-                clean = self.run(b"", Limits(memory=limits.memory, wall=120, processes=8), mode=b"C")
-                if clean.returncode != 0 or clean.killed:
-                    self.close()  # the next notebook gets a fresh server instead
+            elif not self.clean(limits):
+                self.close()  # the next notebook gets a fresh server instead
             return Outcome(returncode=returncode, records=rec_sink.get("data", b""),
                            output=out_sink.get("data", b""), output_bytes=out_sink.get("total", 0),
-                           seconds=seconds, peak_memory=cgroup.peak(), killed=killed[0] if killed else None,
+                           seconds=seconds, peak_memory=student.peak(), killed=killed[0] if killed else None,
                            leftover=leftover)
         except (OSError, ValueError, SandboxUnavailable) as error:
             self.close()  # a server that lost track is never reused; the caller starts another
-            cgroup.kill_all()
+            student.kill_all()
+            checker.kill_all()
             return Outcome(returncode=None, records=b"", output=f"the warm sandbox failed: {error}".encode(),
-                           output_bytes=0, seconds=time.monotonic() - start, peak_memory=cgroup.peak(),
+                           output_bytes=0, seconds=time.monotonic() - start, peak_memory=student.peak(),
                            notes=[f"the warm sandbox failed: {error}"])
         finally:
             for fd in ours + theirs:
@@ -427,6 +459,29 @@ class Warm:
                     os.close(fd)
                 except OSError:
                     pass
+            for cgroup in (student, checker):
+                cgroup.kill_all()
+                cgroup.remove()
+
+    def clean(self, limits: Limits) -> bool:
+        """Empty the private directories (as `nobody`, in a child of their own) for the next notebook."""
+        cgroup = _Cgroup(Limits(memory=limits.memory, processes=8), processes=None)
+        stdin_r, stdin_w = os.pipe()
+        out_r, out_w = os.pipe()
+        rec_r, rec_w = os.pipe()
+        mine, child = [stdin_w, out_r, rec_r], [stdin_r, out_w, rec_w]
+        try:
+            pid = self._fork(cgroup, "clean", child)
+            for fd in child:
+                os.close(fd)
+            child = []
+            cgroup.set_processes(8)
+            return self._wait([pid], timeout=120).get(str(pid)) == 0
+        except (OSError, ValueError, SandboxUnavailable, TimeoutError, socket.timeout):
+            return False
+        finally:
+            for fd in mine + child:
+                os.close(fd)
             cgroup.kill_all()
             cgroup.remove()
 

@@ -11,6 +11,7 @@ Every child is a copy of the same untouched server, so no student sees another's
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import importlib
 import json
 import os
@@ -55,7 +56,7 @@ def _preload(modules: list[str]) -> None:
     from IPython.core.interactiveshell import InteractiveShell  # noqa: F401
 
     from d2lite import data
-    from d2lite.grading import probes, worker  # noqa: F401
+    from d2lite.grading import checker, oracle, transport  # noqa: F401
 
     for name in modules:  # the reference notebooks' own imports (the instructor's, not a student's)
         try:
@@ -140,32 +141,58 @@ def _capabilities() -> bool:
     return any(int(v, 16) for v in fields.values())
 
 
-def _child(fds: list[int], config: dict, mode: bytes) -> None:
+def _drop(uid: int, gid: int, config: dict) -> None:
+    """Rlimits, an empty bounding set, then from root to ``uid`` with no capability left."""
+    for res, value in ((resource.RLIMIT_CPU, config["cpu"]), (resource.RLIMIT_FSIZE, config["file_size"]),
+                       (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 1024)):
+        resource.setrlimit(res, (value, value))
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):  # an empty bounding set, as setpriv --bounding-set=-all leaves it
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)  # the kernel clears every capability
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if os.getuid() == 0 or os.geteuid() == 0 or _capabilities():
+        raise RuntimeError("the child kept root or a capability")
+
+
+def _child(fds: list[int], config: dict, role: str) -> None:
+    """One process of a notebook: ``student`` (the oracle: fds out, requests, answers), ``checker``
+    (the test cells: fds job, out, records, to the oracle, from the oracle) or ``clean`` (empties the
+    private directories between notebooks: fds stdin, out, records)."""
     code = 70
     try:
         os.setsid()
-        stdin, out, records = fds
-        os.dup2(stdin, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.dup2(records, 3)
-        os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        layout = {"student": (1, 3, 4), "checker": (0, 1, 3, 4, 5), "clean": (0, 1, 3)}[role]
+        if len(fds) != len(layout):
+            raise RuntimeError(f"{role}: {len(fds)} file descriptors, expected {len(layout)}")
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]  # out of the way of the targets first
+        for fd in fds:
+            os.close(fd)
+        if 0 not in layout:
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+        for fd, target in zip(moved, layout):
+            os.dup2(fd, target)
+        os.dup2(1, 2)  # stderr joins stdout (one capped stream)
+        os.closerange(max(layout) + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
-        for res, value in ((resource.RLIMIT_CPU, config["cpu"]), (resource.RLIMIT_FSIZE, config["file_size"]),
-                           (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 1024)):
-            resource.setrlimit(res, (value, value))
-        uid, gid = config["uid"], config["gid"]
-        libc = ctypes.CDLL(None, use_errno=True)
-        for cap in range(64):  # an empty bounding set, as setpriv --bounding-set=-all leaves it
-            libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)  # from root to `nobody`: the kernel clears every capability
-        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-        if os.getuid() == 0 or os.geteuid() == 0 or _capabilities():
-            raise RuntimeError("the child kept root or a capability")
+        if role == "checker":
+            _drop(config["checker_uid"], config["checker_gid"], config)
+            os.chdir("/")
+            os.environ["HOME"] = "/nonexistent"
+            sys.stdin = open(0, closefd=False)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            from d2lite.grading import checker
+
+            code = checker.main()
+            return
+        _drop(config["uid"], config["gid"], config)
         for directory in PRIVATE_DIRS:
             try:
                 _wipe(directory, config.get("keep", []))
@@ -176,21 +203,21 @@ def _child(fds: list[int], config: dict, mode: bytes) -> None:
         if any(os.path.isdir(d) and _leftovers(d, config.get("keep", [])) for d in PRIVATE_DIRS):
             code = DIRTY  # what a previous notebook left cannot be removed: never run on top of it
             return
-        if mode == b"C":  # the cleaning run between two notebooks
+        if role == "clean":
             code = 0
             return
         os.chdir("/home/student")
         os.environ["HOME"] = "/home/student"
-        os.environ["D2LITE_RECORDS_FD"] = "3"
-        sys.stdin = open(0, closefd=False)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
-        from d2lite.grading import worker
+        from d2lite.grading import oracle
 
-        code = worker.main()
+        code = oracle.main()
     except BaseException:  # noqa: BLE001
         try:
             os.write(2, traceback.format_exc().encode()[-4000:])
+            if os.environ.get("D2LITE_ZYGOTE_DEBUG"):
+                os.write(int(os.environ["D2LITE_ZYGOTE_DEBUG"]), traceback.format_exc().encode()[-4000:])
         except OSError:
             pass
     finally:
@@ -212,22 +239,33 @@ def main() -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 3)
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 4096, 8)
         except OSError:
             return 0
-        if msg not in (b"F", b"C") or len(fds) != 3:
+        if not msg:
+            return 0
+        kind, header = msg[:1], json.loads(msg[1:] or b"{}")
+        if kind == b"W":  # wait for children forked before, by pid
+            codes = {}
+            for pid in header.get("pids", []):
+                try:
+                    _, status = os.waitpid(pid, 0)
+                    codes[str(pid)] = os.waitstatus_to_exitcode(status)
+                except ChildProcessError:
+                    codes[str(pid)] = None
+            _send(sock, {"exit": codes})
+            continue
+        if kind != b"F" or header.get("role") not in ("student", "checker", "clean"):
             for fd in fds:
                 os.close(fd)
             return 0
         pid = os.fork()
         if pid == 0:
             os.close(sock.detach())
-            _child(fds, config, msg)
+            _child(fds, config, header["role"])
         for fd in fds:
             os.close(fd)
         _send(sock, {"forked": pid})
-        _, status = os.waitpid(pid, 0)
-        _send(sock, {"exit": os.waitstatus_to_exitcode(status)})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,488 @@
+"""The student's process: an oracle that runs answer cells and answers the checker's requests with data.
+
+Runs in a fresh fork of the warm server (zygote.py), as `nobody`. It never sees a test cell. The
+checker (checker.py, another process and user) sends requests: run this cell; what is this name;
+call this function, read this attribute, with these arguments. Arguments arrive pickled from the
+checker (the trusted side); answers leave as plain data (transport.encode_value). Objects that must
+stay here (modules, the student's own classes, tensors that carry an autograd graph) become handles.
+
+Nothing here is trusted by the grader: a student can rewrite any of it from their own code, and
+that only changes what their own functions answer. What the checker concludes from the answers,
+and which tests pass, is decided in the checker.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import pickle
+import sys
+import traceback
+import types
+import warnings
+
+from . import transport
+
+MAX_CELL_OUTPUT = 20_000
+_ERRORS_SHOWN = 3
+
+
+class _Capped(io.TextIOBase):
+    def __init__(self, limit: int) -> None:
+        self.parts, self.size, self.limit, self.dropped = [], 0, limit, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text) -> int:
+        text = str(text)
+        room = self.limit - self.size
+        if room > 0:
+            self.parts.append(text[:room])
+            self.size += min(room, len(text))
+        self.dropped += max(0, len(text) - max(room, 0))
+        return len(text)
+
+    def value(self) -> str:
+        out = "".join(self.parts)
+        return out + (f"\n… {self.dropped} more characters not shown" if self.dropped else "")
+
+
+def _student_traceback(exc: BaseException) -> list[str]:
+    """The frames of the student's own cells (not the grader's or the libraries'), last first."""
+    lines = []
+    for frame in traceback.extract_tb(exc.__traceback__):
+        name = frame.filename or ""
+        if "ipython-input" in name or name.startswith("<"):
+            lines.append(f"line {frame.lineno}, in {frame.name}: {(frame.line or '').strip()}"[:300])
+    return lines[-_ERRORS_SHOWN:]
+
+
+def _error(exc: BaseException) -> dict:
+    return {"type": type(exc).__name__[:100], "msg": str(exc)[:4000], "tb": _student_traceback(exc)}
+
+
+class _Callback:
+    """A callable or iterator that lives in the checker (a lambda, a generator of a test cell)."""
+
+    def __init__(self, oracle: "Oracle", cbid: int, kind: str) -> None:
+        self._oracle, self._cbid, self._kind = oracle, cbid, kind
+
+    def __call__(self, *args, **kwargs):
+        return self._oracle.callback(self._cbid, "call", args, kwargs)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._oracle.callback(self._cbid, "next", (), {})
+
+    def __repr__(self) -> str:
+        return f"<the checker's {self._kind}>"
+
+
+def _refused(*args, **kwargs):
+    raise RuntimeError("library normalization is unavailable in this check: compute it yourself with "
+                       "tensor operations (mean, var, sqrt, ...)")
+
+
+class _Block:
+    """Library normalization unavailable while a structural check runs the student's function:
+    the ATen kernels raise (at the dispatcher, so for every thread and every alias), and so do
+    d2lite's own batch_norm and, where the check says so, autograd."""
+
+    OPS = {"batch_norm": ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit.no_stats",
+                          "_native_batch_norm_legit_no_training", "_batch_norm_with_update",
+                          "_batch_norm_no_update", "batch_norm_update_stats"),
+           "layer_norm": ("native_layer_norm",),
+           "group_norm": ("native_group_norm",)}
+
+    def __init__(self, families) -> None:
+        self.families = set(families or ())
+
+    def __enter__(self):
+        import torch
+
+        import d2lite.functional as functional
+
+        self.lib, self.code, self.attrs = None, [], []
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("library normalization is unavailable in this check: compute it yourself with "
+                               "tensor operations (mean, var, sqrt, ...)")
+
+        ops = [op for family in self.families for op in self.OPS.get(family, ())]
+        if ops:
+            self.lib = torch.library.Library("aten", "IMPL")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for op in ops:
+                    try:
+                        self.lib.impl(op, refuse, "CPU")
+                    except (RuntimeError, ValueError):
+                        pass  # an op this torch does not have
+        if "batch_norm" in self.families:
+            targets = [functional.batch_norm]
+            forward = getattr(functional, "_BatchNormTrain", None)
+            if forward is not None:
+                targets.append(forward.__dict__["forward"].__func__)
+            for fn in targets:
+                if not fn.__code__.co_freevars:
+                    self.code.append((fn, fn.__code__))
+                    fn.__code__ = _refused.__code__
+        if "autograd" in self.families:
+            def no_autograd(*args, **kwargs):
+                raise RuntimeError("autograd is unavailable in this check: compute the gradients by hand")
+            for owner, name in ((torch.autograd, "grad"), (torch.autograd, "backward"), (torch.Tensor, "backward")):
+                self.attrs.append((owner, name, owner.__dict__[name] if name in owner.__dict__ else getattr(owner, name)))
+                setattr(owner, name, no_autograd)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, value in reversed(self.attrs):
+            setattr(owner, name, value)
+        for fn, code in reversed(self.code):
+            fn.__code__ = code
+        if self.lib is not None:
+            self.lib._destroy()
+        return False
+
+
+class Oracle:
+    def __init__(self, channel: transport.Channel) -> None:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        self.channel = channel
+        self.shell = InteractiveShell.instance(colors="NoColor")
+        self.ns = self.shell.user_ns
+        self.handles: dict[int, object] = {}
+        self.handle_ids: dict[int, int] = {}
+        self.mirrors: dict[int, object] = {}       # the checker's tensors: cid -> this process's copy
+        self.mirror_ids: dict[int, int] = {}
+        self.snapshots: dict[int, tuple] = {}
+        self.call_refs: dict[int, int] = {}        # id(module of this request) -> the checker's cid
+        self.next_id = 0
+
+    # --- what leaves ---------------------------------------------------------------------------
+
+    def handle(self, obj) -> dict:
+        hid = self.handle_ids.get(id(obj))
+        if hid is None or self.handles.get(hid) is not obj:
+            hid = self.next_id
+            self.next_id += 1
+            self.handles[hid] = obj
+            self.handle_ids[id(obj)] = hid
+        kind = type(obj)
+        return {"h": {"id": hid, "m": str(getattr(kind, "__module__", "") or "")[:200],
+                      "q": str(getattr(kind, "__qualname__", "") or "")[:200]}}
+
+    def ref(self, obj):
+        cid = self.call_refs.get(id(obj))
+        if cid is None:
+            cid = self.mirror_ids.get(id(obj))
+            if cid is not None and self.mirrors.get(cid) is not obj:
+                cid = None
+        return cid
+
+    def encode(self, value):
+        return transport.encode_value(value, self.handle, self.ref)
+
+    def send(self, message: dict) -> None:
+        import json
+
+        self.channel.send(b"J", json.dumps(message, allow_nan=False).encode())
+
+    # --- what arrives --------------------------------------------------------------------------
+
+    def load(self, payload: bytes):
+        """A request of the checker, and the ids of the objects in it that are this process's own."""
+        oracle, own = self, set()
+
+        class Loader(pickle.Unpickler):
+            def persistent_load(self, pid):
+                kind = pid[0]
+                if kind == "t":
+                    return oracle.mirror(*pid[1:])
+                if kind == "s":
+                    obj = oracle.handles[pid[1]]
+                    own.add(id(obj))
+                    return obj
+                if kind == "cb":
+                    return _Callback(oracle, pid[1], pid[2])
+                raise pickle.UnpicklingError(f"unknown reference {kind!r}")
+
+        return Loader(io.BytesIO(payload)).load(), own
+
+    def mirror(self, cid: int, value, requires_grad: bool, is_param: bool, grad):
+        import torch
+
+        old = self.mirrors.get(cid)
+        if old is not None and old.dtype == value.dtype and old.shape == value.shape \
+                and old.requires_grad == requires_grad and isinstance(old, torch.nn.Parameter) == is_param \
+                and torch.equal(old.detach(), value) and _same_grad(old.grad, grad):
+            return old
+        if is_param:
+            new = torch.nn.Parameter(value, requires_grad=requires_grad)
+        else:
+            new = value.requires_grad_(requires_grad) if requires_grad else value
+        if grad is not None:
+            new.grad = grad
+        self.mirrors[cid] = new
+        self.mirror_ids[id(new)] = cid
+        self.snapshots[cid] = _snapshot(new)
+        return new
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        while True:
+            try:
+                kind, payload = self.channel.recv()
+            except (EOFError, OSError):
+                return 0
+            if kind != b"P":
+                return 3
+            request, own = self.load(payload)
+            if request.get("op") == "exit":
+                return 0
+            self.answer(request, own)
+
+    def wait_reply(self, rid: int):
+        """Wait for the checker's answer to our callback ``rid``, serving its requests meanwhile."""
+        while True:
+            kind, payload = self.channel.recv()
+            message, own = self.load(payload)
+            if "cb_re" in message and message["cb_re"] == rid:
+                return message
+            if message.get("op") == "exit":
+                os._exit(0)
+            self.answer(message, own)
+
+    def callback(self, cbid: int, op: str, args, kwargs):
+        rid = self.next_id
+        self.next_id += 1
+        self.send({"cb": cbid, "cbid": rid, "op": op, "args": self.encode(args), "kwargs": self.encode(kwargs)})
+        reply = self.wait_reply(rid)
+        if reply.get("ok"):
+            return reply["value"]
+        error = reply.get("error") or {}
+        if error.get("type") == "StopIteration":
+            raise StopIteration
+        raise RuntimeError(f"the checker's callable raised {error.get('type')}: {error.get('msg')}")
+
+    def answer(self, request: dict, own: set) -> None:
+        import torch
+
+        rid = request.get("id")
+        context = request.get("ctx") or {}
+        for hid in request.get("release", ()):
+            obj = self.handles.pop(hid, None)
+            if obj is not None and self.handle_ids.get(id(obj)) == hid:
+                del self.handle_ids[id(obj)]
+        out, err = _Capped(MAX_CELL_OUTPUT), _Capped(MAX_CELL_OUTPUT)
+        saved = (sys.stdout, sys.stderr, torch.is_grad_enabled(), torch.get_default_dtype())
+        objects = request.get("objects")
+        outer_refs, self.call_refs = self.call_refs, {}
+        before = {}
+        try:
+            sys.stdout, sys.stderr = out, err
+            if "rng" in context:
+                torch.set_rng_state(context["rng"])
+            if "grad" in context:
+                torch.set_grad_enabled(context["grad"])
+            if "dtype" in context:
+                torch.set_default_dtype(getattr(torch, context["dtype"]))
+            for hid in request.get("from_handles", ()):
+                if hid in self.handles:
+                    own.add(id(self.handles[hid]))
+            modules = transport.modules_in(objects, skip=frozenset(own)) if objects is not None else []
+            cids = request.get("modules", [])
+            if len(cids) != len(modules):
+                raise RuntimeError("the checker and the oracle disagree on the modules sent")
+            for cid, module in zip(cids, modules):
+                self.call_refs[id(module)] = cid
+                before[cid] = (module, _module_state(module))
+            with _Block(context.get("block")):
+                value = self.perform(request)
+            reply = {"re": rid, "ok": True, "value": self.encode(value)}
+        except BaseException as exc:  # noqa: BLE001 — the student's code raised: the checker decides what it means
+            if isinstance(exc, (KeyboardInterrupt,)):
+                raise
+            reply = {"re": rid, "ok": False, "error": _error(exc)}
+        finally:
+            sys.stdout, sys.stderr = saved[0], saved[1]
+            rng_after = torch.get_rng_state()
+            torch.set_grad_enabled(saved[2])
+            torch.set_default_dtype(saved[3])
+        try:
+            reply["sync"] = self.sync(before)
+        except Exception as exc:  # noqa: BLE001
+            reply = {"re": rid, "ok": False, "error": _error(exc)}
+        if "rng" in context and not torch.equal(rng_after, context["rng"]):
+            reply["rng"] = base64.b64encode(rng_after.numpy().tobytes()).decode()
+        reply["out"], reply["err"] = out.value(), err.value()
+        try:
+            self.send(reply)
+        except (TypeError, ValueError) as exc:
+            self.send({"re": rid, "ok": False, "error": _error(exc), "out": out.value(), "err": err.value()})
+        finally:
+            self.call_refs = outer_refs
+
+    def sync(self, before: dict) -> dict:
+        """What changed in the checker's objects while the student's code ran: tensors (values,
+        requires_grad, grad) and, for modules sent in this request, their mode, attributes, and
+        which tensors and children they hold."""
+        tensors = []
+        for cid, t in self.mirrors.items():
+            snap = _snapshot(t)
+            if snap != self.snapshots.get(cid):
+                self.snapshots[cid] = snap
+                tensors.append({"cid": cid, "value": {"T": transport.tensor_record(t)},
+                                "grad": None if t.grad is None else {"T": transport.tensor_record(t.grad)},
+                                "rg": bool(t.requires_grad)})
+        modules = []
+        for cid, (module, state) in before.items():
+            after = _module_state(module)
+            if after != state:
+                modules.append({"cid": cid, "training": bool(module.training),
+                                "attrs": self.encode({k: getattr(module, k) for k in after["attrs"]}),
+                                "tensors": self.encode({k: v for k, v in list(module._parameters.items())
+                                                        + list(module._buffers.items())}),
+                                "kinds": {k: ("param" if k in module._parameters else "buffer")
+                                          for k in list(module._parameters) + list(module._buffers)},
+                                "children": self.encode(dict(module._modules))})
+        return {"tensors": tensors, "modules": modules}
+
+    def perform(self, request: dict):
+        import copy
+        import operator
+
+        op = request["op"]
+        if op == "exec":
+            return self.exec_cell(request["source"])
+        if op == "files":
+            return self.write_files(request["files"])
+        if op == "name":
+            name = request["name"]
+            if name in self.ns and not name.startswith("__d2lite"):
+                return {"found": True, "value": self.ns[name]}
+            return {"found": False}
+        if op == "torch":
+            import torch
+
+            owner, name = request["func"]
+            holder = {"torch": torch, "torch.Tensor": torch.Tensor, "torch.autograd": torch.autograd,
+                      "torch.nn.functional": torch.nn.functional, "torch.linalg": torch.linalg,
+                      "torch.special": torch.special}[owner]
+            func = getattr(holder, name)
+            return func(*request["args"], **request["kwargs"])
+        target = request.get("target")
+        if op == "getattr":
+            return getattr(target, request["name"])
+        if op == "setattr":
+            return setattr(target, request["name"], request["value"])
+        if op == "delattr":
+            return delattr(target, request["name"])
+        if op == "call":
+            return target(*request["args"], **request["kwargs"])
+        if op == "getitem":
+            return target[request["key"]]
+        if op == "setitem":
+            target[request["key"]] = request["value"]
+            return None
+        if op == "len":
+            return len(target)
+        if op == "iter":
+            items = []
+            for i, item in enumerate(target):
+                if i >= 100_000:
+                    raise RuntimeError("iterated over more than 100,000 items")
+                items.append(item)
+            return items
+        if op == "contains":
+            return request["item"] in target
+        if op == "bool":
+            return bool(target)
+        if op in ("repr", "str"):
+            return (repr if op == "repr" else str)(target)[:transport.MAX_TEXT]
+        if op == "format":
+            return format(target, request["spec"])[:transport.MAX_TEXT]
+        if op == "binop":
+            return getattr(operator, request["name"])(*request["args"])
+        if op == "isinstance":
+            return isinstance(request["args"][0], target)
+        if op == "deepcopy":
+            return copy.deepcopy(target)
+        if op == "copy":
+            return copy.copy(target)
+        raise RuntimeError(f"unknown request {op!r}")
+
+    def exec_cell(self, source: str) -> dict:
+        try:
+            result = self.shell.run_cell(source, store_history=False, silent=False)
+        except BaseException as exc:  # noqa: BLE001 — SystemExit and friends from student code
+            return {"ok": False, "error": _error(exc)}
+        exc = result.error_before_exec or result.error_in_exec
+        if exc is not None:
+            return {"ok": False, "error": _error(exc)}
+        return {"ok": True}
+
+    @staticmethod
+    def write_files(files: dict) -> int:
+        for rel, data in files.items():
+            path = os.path.normpath(rel)
+            if path.startswith(("/", "..")):  # relative paths only: never outside home
+                continue
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(base64.b64decode(data))
+        return len(files)
+
+
+def _same_grad(a, b) -> bool:
+    import torch
+
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _snapshot(t) -> tuple:
+    g = t.grad
+    return (t._version, id(t), bool(t.requires_grad), None if g is None else (id(g), g._version))
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(v, depth=0) -> bool:
+    if isinstance(v, _PLAIN):
+        return True
+    if type(v) in (tuple, list) and depth < 3 and len(v) < 64:
+        return all(_plain(x, depth + 1) for x in v)
+    return False
+
+
+def _module_state(module) -> dict:
+    attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and _plain(v)}
+    return {"training": module.training, "attrs": attrs,
+            "tensors": {k: id(v) for k, v in list(module._parameters.items()) + list(module._buffers.items())},
+            "children": {k: id(v) for k, v in module._modules.items()}}
+
+
+def main() -> int:
+    """The oracle's entry point in the sandbox: requests on fd 3, answers on fd 4."""
+    channel = transport.Channel(3, 4)
+    sys.stdin = open(os.devnull)
+    sys.path.append(os.getcwd())  # the student's own modules, after the library's
+
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import d2lite  # noqa: F401  (imported before any student code: a shadowing d2lite.py is not loaded)
+
+    return Oracle(channel).serve()
