@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 import types
+import weakref
 
 from . import transport
 from .transport import Malformed
@@ -190,6 +191,7 @@ def _tensor_class():
             t._client, t._hid, t._rg, t._gf = client, hid, rg, gf
             if param:
                 t._is_param = True
+            client.hold(t, hid)
             return t
 
         @property
@@ -285,8 +287,24 @@ class Client:
         self.block: set[str] | None = None
         self.output: list[str] = []
         self.stopped: str | None = None
+        self.oracle_pid: int | None = None
+        self.live: dict[int, int] = {}
+        self.sent: dict[int, tuple] = {}                    # cid -> the tensor's state when last sent
+        self.release: list[int] = []
         self.RemoteTensor = _tensor_class()
         self.rng_size = torch.get_rng_state().numel()
+
+    def hold(self, obj, hid: int) -> None:
+        """Count the checker's live copies of a handle: when the last one is gone, the student's
+        process is told it may drop the object (a dropped graph frees its memory there too)."""
+        self.live[hid] = self.live.get(hid, 0) + 1
+        weakref.finalize(obj, self._drop, hid)
+
+    def _drop(self, hid: int) -> None:
+        self.live[hid] -= 1
+        if not self.live[hid]:
+            del self.live[hid]
+            self.release.append(hid)
 
     # the classes of handles: a proxy class named as the student's process names the type
     def proxy_class(self, module: str, qualname: str) -> type:
@@ -333,13 +351,18 @@ class Client:
                         return None
                     if hasattr(obj, "_hid") and isinstance(obj, client.RemoteTensor):
                         return ("s", obj._hid)
+                    cid = client._tensor_cid(obj)
+                    state = (obj._version, bool(obj.requires_grad), id(obj.grad),
+                             None if obj.grad is None else obj.grad._version)
+                    if client.sent.get(cid) == state:  # the oracle's copy is up to date: no bytes again
+                        return ("t", cid, None, state[1], isinstance(obj, torch.nn.Parameter), None)
+                    client.sent[cid] = state
                     plain = obj.detach()
                     if type(plain) is not torch.Tensor:
                         plain = plain.as_subclass(torch.Tensor)
                     grad = None if obj.grad is None else obj.grad.detach().as_subclass(torch.Tensor)
                     raw.extend(r for r in (plain, grad) if r is not None)
-                    return ("t", client._tensor_cid(obj), plain, bool(obj.requires_grad),
-                            isinstance(obj, torch.nn.Parameter), grad)
+                    return ("t", cid, plain, state[1], isinstance(obj, torch.nn.Parameter), grad)
                 if isinstance(obj, Remote):
                     return ("s", object.__getattribute__(obj, "_hid"))
                 if isinstance(obj, types.GeneratorType):
@@ -379,8 +402,9 @@ class Client:
                    "rng": torch.get_rng_state()}
         if self.block:
             context["block"] = sorted(self.block)
+        release, self.release = [h for h in self.release if h not in self.live], []
         message = {"id": rid, "op": op, "ctx": context, "objects": objects, "modules": cids,
-                   "from_handles": from_handles, **fields}
+                   "from_handles": from_handles, "release": release, **fields}
         try:
             self.channel.send(b"P", self.dumps(message))
         except OSError as error:
@@ -523,6 +547,8 @@ class Client:
                     and (target.is_floating_point() or not entry["rg"]):
                 target.requires_grad_(entry["rg"])
             target.grad = None if grad is None else grad.detach()
+            self.sent[entry["cid"]] = (target._version, bool(target.requires_grad), id(target.grad),
+                                       None if target.grad is None else target.grad._version)
         for entry in sync.get("modules", []):
             self._apply_module(entry)
 
@@ -693,9 +719,11 @@ def run_test(source: str, grade_id: str, hidden: list, ns: Namespace, client: Cl
     code = compile(source, filename, "exec")
     ns.new_cell()
     output: list[str] = []
-    saved = sys.stdout, sys.stderr, d2lite.forbid_calls, d2lite.checks.forbid_calls
+    saved = sys.stdout, sys.stderr, d2lite.forbid_calls, d2lite.checks.forbid_calls, d2lite.checks.resident_mib
     forbid = lambda *names, namespace=None: _Forbid(client, names)  # noqa: E731
     d2lite.forbid_calls = d2lite.checks.forbid_calls = forbid
+    # memory is measured where the student's functions run: the oracle's process, read from outside it
+    d2lite.checks.resident_mib = lambda pid="self": saved[4](client.oracle_pid or "self")
     sys.stdout = sys.stderr = _Capture(output)
     try:
         exec(code, ns)  # noqa: S102 — the instructor's test cell
@@ -712,7 +740,7 @@ def run_test(source: str, grade_id: str, hidden: list, ns: Namespace, client: Cl
                 "stdout": "".join(output)[:MAX_CELL_OUTPUT]}
     finally:
         sys.stdout, sys.stderr = saved[0], saved[1]
-        d2lite.forbid_calls, d2lite.checks.forbid_calls = saved[2], saved[3]
+        d2lite.forbid_calls, d2lite.checks.forbid_calls, d2lite.checks.resident_mib = saved[2], saved[3], saved[4]
     return {"ok": True, "stdout": "".join(output)[:MAX_CELL_OUTPUT]}
 
 
@@ -783,6 +811,7 @@ def main() -> int:
 
     matplotlib.use("Agg")
     client = Client(transport.Channel(5, 4), time.monotonic() + float(job.get("wall", 300)))
+    client.oracle_pid = job.get("oracle_pid") if isinstance(job.get("oracle_pid"), int) else None
     try:
         run(job, client, emit)
     finally:

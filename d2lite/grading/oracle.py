@@ -217,6 +217,10 @@ class Oracle:
         import torch
 
         old = self.mirrors.get(cid)
+        if value is None:  # unchanged since the checker last sent it
+            if old is None:
+                raise RuntimeError("the checker referred to a tensor it never sent")
+            return old
         if old is not None and old.dtype == value.dtype and old.shape == value.shape \
                 and old.requires_grad == requires_grad and isinstance(old, torch.nn.Parameter) == is_param \
                 and torch.equal(old.detach(), value) and _same_grad(old.grad, grad):
@@ -470,10 +474,23 @@ def _module_state(module) -> dict:
             "children": {k: id(v) for k, v in module._modules.items()}}
 
 
+def _exact_memory() -> None:
+    """Large blocks (1 MiB and up) straight from and back to the kernel, so that the process's
+    resident memory, which the checker reads from outside, follows what it holds (glibc's dynamic
+    threshold would otherwise keep freed tensors resident for a while)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> int:
     """The oracle's entry point in the sandbox: requests on fd 3, answers on fd 4."""
     channel = transport.Channel(3, 4)
     sys.stdin = open(os.devnull)
+    _exact_memory()
     sys.path.append(os.getcwd())  # the student's own modules, after the library's
 
     import torch

@@ -48,7 +48,7 @@ def run_unsandboxed(job: dict, cwd: str, env: dict | None = None, timeout: float
                for n, s in (("oracle", oracle.stdout), ("checker", checker.stdout))]
     for t in threads:
         t.start()
-    checker.stdin.write(json.dumps(job).encode())
+    checker.stdin.write(json.dumps({**job, "oracle_pid": oracle.pid}).encode())
     checker.stdin.close()
     chunks = []
     with os.fdopen(records_r, "rb") as fh:

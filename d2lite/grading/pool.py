@@ -62,7 +62,7 @@ def close_sandboxes() -> None:
         warm.close()
 
 
-def execute(job: bytes, limits: sandbox.Limits, modules: list[str]) -> dict:
+def execute(job: dict, limits: sandbox.Limits, modules: list[str]) -> dict:
     """Run one notebook's job in this worker's warm sandbox: the checker's records (bytes) and what
     the sandbox said (exit status, cap hit, seconds, peak memory, leftover processes, output tail)."""
     warm = _warm(limits, modules)

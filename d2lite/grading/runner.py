@@ -95,7 +95,7 @@ def grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
         return _grade_task(task, context, limits)
 
 
-def _execute_unlocked(job: bytes, limits: sandbox.Limits, modules: list[str]) -> dict:
+def _execute_unlocked(job: dict, limits: sandbox.Limits, modules: list[str]) -> dict:
     _ast_lock.release()
     try:
         return pool.execute(job, limits, modules)
@@ -128,7 +128,7 @@ def _grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
                 # library normalization counts in the graded answers only, not in scratch cells
                 flags += [f for f in found if f.kind != "structure" or role == "solution"]
         job = split.checker_job(rebuilt, context["answers"], task["files"], limits.wall)
-        result = _execute_unlocked(json.dumps(job).encode(), limits, context["modules"])
+        result = _execute_unlocked(job, limits, context["modules"])
         outcome = result["outcome"]
         ends, notes = judge.cell_events(judge.read_records(result["records"]))
         verdicts = judge.judge(rebuilt, ends, structural, flags, _stopped(outcome, limits))

@@ -360,8 +360,8 @@ class Warm:
         socket.send_fds(self.sock, [b"W" + json.dumps({"pids": pids}).encode()], [])
         return self._receive().get("exit", {})
 
-    def run(self, job: bytes, limits: Limits | None = None) -> Outcome:
-        """Run one notebook: a checker process (``job`` on its stdin, records on fd 3) and the
+    def run(self, job: dict, limits: Limits | None = None) -> Outcome:
+        """Run one notebook: a checker process (``job`` as JSON on its stdin, records on fd 3) and the
         student's oracle process, each in a cgroup of its own, connected by two pipes. Everything
         either started is killed when the checker ends, or at the wall clock or another cap, before
         this returns; then a cleaning child empties the private directories for the next notebook.
@@ -383,6 +383,7 @@ class Warm:
             theirs = [job_r, out_w, rec_w, req_r, req_w, rep_r, rep_w]
             pids.append(self._fork(checker, "checker", [job_r, out_w, rec_w, req_w, rep_r]))
             pids.append(self._fork(student, "student", [out_w, req_r, rep_w]))
+            job = json.dumps({**job, "oracle_pid": pids[1]}).encode()
             for fd in theirs:
                 os.close(fd)
             theirs = []
