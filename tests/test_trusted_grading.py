@@ -1,6 +1,7 @@
 """`d2lite grade` against hostile and honest submissions: each kind of submission gets the exact
-score it must get and none of the side effects it tries. One batch grades them all (notebook
-00_from_scratch, 14 autograded points), which is itself the test that a mixed batch completes."""
+score it must get (never more than its honest twin: the same code without the trick) and none of
+the side effects it tries. One batch grades them all (notebook 00_from_scratch, 14 autograded
+points), which is itself the test that a mixed batch completes."""
 import json
 import os
 import shutil
@@ -20,8 +21,6 @@ from notebook_utils import (ASSIGNMENT, NOTEBOOKS, SOLUTIONS, cell_by_id, nbgrad
 from test_grading import MISTAKES, _implementation
 
 from d2lite.grading import sandbox
-from d2lite.grading.judge import cell_events, judge_cell
-from d2lite.grading.probes import Probe, decode, encode, instrument, read_records
 from d2lite.grading.runner import grade
 
 try:
@@ -103,41 +102,158 @@ def _honest_quirks(nb):
 
 
 # student -> (how the submission is made, the exact score, words the report's reason must contain)
+STRUCTURAL = POINTS["test_structure"] + POINTS["test_gamma_beta_grads"]  # what a machinery finding costs
+TWIN = FULL - POINTS["test_eps"]                       # the honest twin of EPS_FORGOTTEN
+LEAKING = CORRECT.replace("with torch.no_grad():", "if True:")   # keeps the graph: loses test_no_graph
+
+
+def _indented(source):
+    return "".join("    " + line for line in source.splitlines(keepends=True))
+
+
+def _prompted(source):
+    return "".join(">>> " + line for line in source.splitlines(keepends=True))
+
+
+def _edited_demo(nb):
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "preactivation_stats" in cell.source and "def " in cell.source:
+            cell.source = cell.source.replace('print("layer   without', 'print("my edit:", "layer   without')
+            return nb
+    raise AssertionError("no demo cell")
+
+
+def _scratch_library_comparison(nb):
+    nb = _solution(nb, CORRECT)
+    index = next(i for i, c in enumerate(nb.cells) if nbgrader_meta(c).get("grade_id") == "batch_norm_impl")
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
+        "X = torch.randn(8, 3)\nmine, _, _ = batch_norm(X, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3))\n"
+        "print('my error:', (mine - F.batch_norm(X, None, None, torch.ones(3), torch.zeros(3), training=True)).abs().max())\n"
+        "bn = nn.BatchNorm1d(3)\nprint(bn(X).shape)\n"))
+    return nb
+
+
+_FRAME = "struct.pack('>I', len(body)) + b'J' + body"
+FORGED_RECORDS = (
+    "import json, os, struct\n"
+    "line = json.dumps({'t': 'cell_end', 'index': 9, 'ok': True, 'stdout': 'forged'}).encode() + b'\\n'\n"
+    "body = json.dumps({'re': 3, 'ok': True, 'value': True, 'sync': {'tensors': [], 'modules': []}}).encode()\n"
+    "for fd in range(64):\n"
+    "    for data in (line, " + _FRAME + "):\n"
+    "        try:\n"
+    "            os.write(fd, data)\n"
+    "        except OSError:\n"
+    "            pass\n")
+OVERSIZED_RECORD = "import os, struct\nos.write(4, struct.pack('>I', 2**31 - 1) + b'J' + b'x' * 65536)\n"
+NESTED_RECORD = ("import os, struct\nbody = b'[' * 200000 + b']' * 200000\n"
+                 "os.write(4, " + _FRAME + ")\n")
+LIBRARY_ON_A_THREAD = (
+    "from concurrent.futures import ThreadPoolExecutor\n\n"
+    "def batch_norm(X, gamma, beta, moving_mean, moving_var, eps=1e-5, momentum=0.1, training=True):\n"
+    "    mm, mv = moving_mean.clone(), moving_var.clone()\n"
+    "    with ThreadPoolExecutor(1) as pool:\n"
+    "        Y = pool.submit(lambda: F.batch_norm(X, mm, mv, gamma, beta, training=training, momentum=momentum,\n"
+    "                                             eps=eps)).result()\n"
+    "    return Y, mm, mv\n")
+LIBRARY_EXCEPT_IN_THE_CHECK = (
+    "def batch_norm(X, gamma, beta, moving_mean, moving_var, eps=1e-5, momentum=0.1, training=True):\n"
+    "    mm, mv = moving_mean.clone(), moving_var.clone()\n"
+    "    try:\n"
+    "        Y = F.batch_norm(X, mm, mv, gamma, beta, training=training, momentum=momentum, eps=eps)\n"
+    "    except Exception:\n"
+    "        return torch.zeros_like(X), moving_mean, moving_var  # something harmless inside the check\n"
+    "    return Y, mm, mv\n")
+READS_EXPECTED = (
+    "def batch_norm(X, gamma, beta, moving_mean, moving_var, eps=1e-5, momentum=0.1, training=True):\n"
+    "    try:\n"
+    "        return expected, expected_mean, expected_var  # a test cell's expected values, were they here\n"
+    "    except NameError:\n"
+    "        return X, moving_mean, moving_var\n")
+READS_NOTHING = READS_EXPECTED.replace("        return expected, expected_mean, expected_var", "        return undefined_name")
+LYING_GRAPH_FLAGS = LEAKING + (
+    "\n\nclass NoGraph(torch.Tensor):\n"
+    "    @property\n    def requires_grad(self):\n        return False\n\n"
+    "    @property\n    def grad_fn(self):\n        return None\n\n\n"
+    "_leaky = batch_norm\n\n\n"
+    "def batch_norm(*args, **kwargs):\n"
+    "    Y, mm, mv = _leaky(*args, **kwargs)\n"
+    "    return Y, mm.as_subclass(NoGraph), mv.as_subclass(NoGraph)\n")
+ALWAYS_EQUAL = EPS_FORGOTTEN + (
+    "\n\nclass Same:\n    def __eq__(self, other):\n        return True\n\n"
+    "    def __bool__(self):\n        return True\n\n\n"
+    "_plain = batch_norm\n\n\n"
+    "def batch_norm(*args, **kwargs):\n"
+    "    Y, mm, mv = _plain(*args, **kwargs)\n"
+    "    return (Same(), mm, mv) if kwargs.get('eps') == 1.0 else (Y, mm, mv)\n")
+ALIAS_REACHES_ORACLE = ("P = d2lite.grading.oracle.Oracle\n"
+                        "P.encode = lambda self, value: True  # every answer: True\n")
+SYS_OF_ANOTHER_MODULE = ("torch.sys.modules['d2lite.grading.checker'].run_test = lambda *a, **k: {'ok': True}\n"
+                         "torch.sys.modules['d2lite.grading.oracle'].Oracle.encode = lambda self, value: True\n")
+
+# student -> (how the submission is made, the exact score, words the report's reason must contain)
 CASES = {
     "honest": (lambda: _with(CORRECT), FULL, ""),
-    "patch_d2lite_assert_close": (lambda: _with(EPS_FORGOTTEN, "d2lite.assert_close = lambda *a, **k: None\n"), 0, "machinery"),
-    "patch_torch_testing": (lambda: _with(EPS_FORGOTTEN, "torch.testing.assert_close = lambda *a, **k: None\n"), 0, "patch"),
-    "patch_F_batch_norm": (lambda: _with(EPS_FORGOTTEN, "F.batch_norm = lambda X, *a, **k: X\n"), 0, "patch"),
-    "replace_code_object": (lambda: _with(EPS_FORGOTTEN, "d2lite.checks.assert_close.__code__ = (lambda *a, **k: None).__code__\n"), 0, "__code__"),
-    "input_transformer": (lambda: _with(EPS_FORGOTTEN, "get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'])\n"), 0, "get_ipython"),
-    "exception_hook": (lambda: _with(EPS_FORGOTTEN, "get_ipython().set_custom_exc((Exception,), lambda *a, **k: None)\n"), 0, "get_ipython"),
-    "sys_excepthook": (lambda: _with(EPS_FORGOTTEN, "import sys\nsys.excepthook = lambda *a: None\n"), 0, "sys"),
+    # patches of libraries and of the grader: they change nothing the checker uses; the policy's
+    # machinery finding costs the structural tests (whose library block runs in the student's process)
+    "patch_d2lite_assert_close": (lambda: _with(EPS_FORGOTTEN, "d2lite.assert_close = lambda *a, **k: None\n"), TWIN - STRUCTURAL, "machinery"),
+    "patch_torch_testing": (lambda: _with(EPS_FORGOTTEN, "torch.testing.assert_close = lambda *a, **k: None\n"), TWIN - STRUCTURAL, "patch"),
+    "patch_F_batch_norm": (lambda: _with(EPS_FORGOTTEN, "F.batch_norm = lambda X, *a, **k: X\n"), TWIN - STRUCTURAL, "patch"),
+    "replace_code_object": (lambda: _with(EPS_FORGOTTEN, "d2lite.checks.assert_close.__code__ = (lambda *a, **k: None).__code__\n"), TWIN - STRUCTURAL, "__code__"),
+    "input_transformer": (lambda: _with(EPS_FORGOTTEN, "get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'])\n"), TWIN - STRUCTURAL, "get_ipython"),
+    "exception_hook": (lambda: _with(EPS_FORGOTTEN, "get_ipython().set_custom_exc((Exception,), lambda *a, **k: None)\n"), TWIN - STRUCTURAL, "get_ipython"),
+    "sys_excepthook": (lambda: _with(EPS_FORGOTTEN, "import sys\nsys.excepthook = lambda *a: None\n"), TWIN - STRUCTURAL, "sys"),
     "probe_tampering": (lambda: _with(EPS_FORGOTTEN, "__d2lite_probe__.check = lambda site, test: True\n"), 0, "__d2lite_probe__"),
-    "builtins_patch": (lambda: _with(EPS_FORGOTTEN, "import builtins\nbuiltins.bool = lambda x: True\n"), 0, "builtins"),
-    "getattr_reach": (lambda: _with(EPS_FORGOTTEN, "getattr(d2lite, 'assert_close')\n"), 0, "getattr"),
+    "builtins_patch": (lambda: _with(EPS_FORGOTTEN, "import builtins\nbuiltins.bool = lambda x: True\n"), None, "builtins"),
+    "getattr_reach": (lambda: _with(EPS_FORGOTTEN, "getattr(d2lite, 'assert_close')\n"), TWIN - STRUCTURAL, "getattr"),
+    # the grader's own processes, reached through a module alias or another module's sys
+    "alias_reaches_oracle": (lambda: _with(EPS_FORGOTTEN, ALIAS_REACHES_ORACLE), 0, "test_train_2d"),
+    "sys_of_another_module": (lambda: _with(EPS_FORGOTTEN, SYS_OF_ANOTHER_MODULE), 0, "machinery"),
+    # IPython's input transforms: the policy reads the code as it will run
+    "magic_hides_a_patch": (lambda: _with(EPS_FORGOTTEN, "%time 1\nd2lite.assert_close = lambda *a, **k: None\n"), TWIN - STRUCTURAL, "machinery"),
+    "indented_cell_hides_a_patch": (lambda: _solution(read(SOLUTIONS / f"{NB}.ipynb"), _indented(
+        "import sys\nsys.modules['d2lite'].assert_close = lambda *a, **k: None\n" + EPS_FORGOTTEN)), TWIN - STRUCTURAL, "machinery"),
+    "prompts_hide_a_patch": (lambda: _solution(read(SOLUTIONS / f"{NB}.ipynb"), _prompted(
+        "d2lite.assert_close = lambda *a, **k: None\n" + EPS_FORGOTTEN)), TWIN - STRUCTURAL, "machinery"),
+    "syntax_error_is_flagged": (lambda: _with("def batch_norm(:\n    pass\n"), 0, "test_train_2d"),
+    # the test cells' expected values never enter the student's process
+    "reads_expected_value": (lambda: _with(READS_EXPECTED), None, "test_train_2d"),
+    # the channel to the checker: forged, oversized and deeply nested records
+    "forged_records_everywhere": (lambda: _with(EPS_FORGOTTEN, FORGED_RECORDS), 0, "protocol"),
+    "oversized_record": (lambda: _with(EPS_FORGOTTEN, OVERSIZED_RECORD), 0, "protocol"),
+    "deeply_nested_record": (lambda: _with(EPS_FORGOTTEN, NESTED_RECORD), 0, "protocol"),
+    # returned objects that lie: equality, and a tensor's graph flags
+    "always_equal_object": (lambda: _with(ALWAYS_EQUAL), TWIN, "test_eps"),
+    "lying_graph_flags": (lambda: _with(LYING_GRAPH_FLAGS), FULL - POINTS["test_no_graph"], "test_no_graph"),
+    "leaking_graph": (lambda: _with(LEAKING), FULL - POINTS["test_no_graph"], "test_no_graph"),
+    # library batch norm: judged by the values it gives with library normalization unavailable
     "library_in_default_argument": (lambda: _with(
         "def batch_norm(X, gamma, beta, moving_mean, moving_var, eps=1e-5, momentum=0.1, training=True, impl=F.batch_norm):\n"
         "    mm, mv = moving_mean.clone(), moving_var.clone()\n"
         "    Y = impl(X, mm, mv, gamma, beta, training=training, momentum=momentum, eps=eps)\n"
-        "    return Y, mm, mv\n"), FULL - 3, "library"),
+        "    return Y, mm, mv\n"), FULL - POINTS["test_structure"], "library"),
     "library_via_torch_ops": (lambda: _with(
         "def batch_norm(X, gamma, beta, moving_mean, moving_var, eps=1e-5, momentum=0.1, training=True):\n"
-        "    return torch.ops.aten.native_batch_norm(X, gamma, beta, moving_mean, moving_var, training, momentum, eps)\n"), 0, ".ops"),
+        "    return torch.ops.aten.native_batch_norm(X, gamma, beta, moving_mean, moving_var, training, momentum, eps)\n"), None, ".ops"),
     "library_module": (lambda: _with(
         "def batch_norm(X, gamma, beta, moving_mean, moving_var, eps=1e-5, momentum=0.1, training=True):\n"
         "    bn = nn.BatchNorm1d(X.shape[1], eps=eps, momentum=momentum).double()\n"
         "    return bn(X), bn.running_mean, bn.running_var\n"), None, "library"),
-    "tampered_test_cell": (lambda: _tampered_test_cell(_with(EPS_FORGOTTEN)), FULL - 1, "test_eps"),
-    "deleted_test_cell": (lambda: _deleted_test_cell(_with(EPS_FORGOTTEN)), FULL - 1, "put back"),
-    "retyped_test_cell": (lambda: _retyped_test_cell(_with(EPS_FORGOTTEN)), FULL - 1, "test_eps"),
+    "library_on_a_thread": (lambda: _with(LIBRARY_ON_A_THREAD), FULL - POINTS["test_structure"], "library"),
+    "library_except_in_the_check": (lambda: _with(LIBRARY_EXCEPT_IN_THE_CHECK), FULL - POINTS["test_structure"], "test_structure"),
+    # test cells the student changed, deleted, retyped, pasted twice, or inflated
+    "tampered_test_cell": (lambda: _tampered_test_cell(_with(EPS_FORGOTTEN)), TWIN, "test_eps"),
+    "deleted_test_cell": (lambda: _deleted_test_cell(_with(EPS_FORGOTTEN)), TWIN, "put back"),
+    "retyped_test_cell": (lambda: _retyped_test_cell(_with(EPS_FORGOTTEN)), TWIN, "test_eps"),
     "duplicated_test_cell": (lambda: _duplicated_test_cell(_with(CORRECT)), FULL, "ordinary cell"),
     "inflated_points": (lambda: _inflated_points(_with(CORRECT)), FULL, ""),
+    # unreadable submissions
     "symlink_to_source": ("symlink", 0, "symbolic link"),
     "corrupt_json": (b'{"cells": [', 0, "not valid JSON"),
     "not_a_notebook": (b"\x89PNG\r\n\x1a\n\x00\x00", 0, "not valid JSON"),
     "json_not_a_notebook": (b'[1, 2, 3]', 0, "not a notebook"),
+    # the machine: exits, kills, loops, bombs, processes, network, files, output
     "os_exit": (lambda: _with(CORRECT, "import os\nos._exit(0)\n"), 0, "_exit"),
-    "crash_by_kill": (lambda: _with(CORRECT, "import os\nos.kill(os.getpid(), 9)\n"), 0, "stopped early"),
+    "crash_by_kill": (lambda: _with(CORRECT, "import os\nos.kill(os.getpid(), 9)\n"), 0, "ended"),
     "infinite_loop": (lambda: _with(CORRECT, "while True:\n    pass\n"), 0, "wall-clock"),
     "memory_bomb": (lambda: _with(CORRECT, "hog = []\nwhile True:\n    hog.append(torch.ones(64 << 20, dtype=torch.uint8))\n"), 0, "memory cap"),
     "orphan_processes": (lambda: _with(CORRECT, "import subprocess\nfor i in range(3):\n    subprocess.Popen(['setsid', 'sleep', '314160'])\n"), FULL, ""),
@@ -146,15 +262,24 @@ CASES = {
     "write_outside": ("write", FULL, ""),
     "print_60mb": (lambda: _with(CORRECT, "print('x' * 60_000_000)\n"), FULL, ""),
     "raw_output_60mb": (lambda: _with(CORRECT, "import os\nfor _ in range(60):\n    os.write(1, b'x' * 1_000_000)\n"), 0, "output"),
-    "shadow_module": ("shadow", FULL - 1, "test_eps"),
+    "shadow_module": ("shadow", TWIN, "test_eps"),
+    # honest students lose nothing: prints, warnings, stderr, magics, extra cells, scratch checks
+    # against PyTorch, an edited demo cell
     "honest_quirks": (lambda: _honest_quirks(read(SOLUTIONS / f"{NB}.ipynb")), FULL, ""),
+    "honest_magic": (lambda: _with(CORRECT, "%time 1 + 1\n"), FULL, ""),
+    "scratch_library_comparison": (lambda: _scratch_library_comparison(read(SOLUTIONS / f"{NB}.ipynb")), FULL, ""),
+    "edited_demo_cell": (lambda: _edited_demo(_with(CORRECT)), FULL, ""),
 }
 for _name, (_source, _target, _word) in MISTAKES.items():
     CASES[f"mistake_{_name}"] = ((lambda s=_source: _with(s)), FULL - POINTS[_target], _target)
+# (attack, its honest twin): the attack never scores more
+TWINS = {"reads_expected_value": READS_NOTHING, "library_via_torch_ops": None, "library_module": None,
+         "builtins_patch": EPS_FORGOTTEN}
 
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
+    CASES.setdefault("twin_of_reads_expected_value", (lambda: _with(READS_NOTHING), None, ""))
     if MISSING:
         pytest.skip(f"sandbox unavailable: {MISSING}")
     root = tmp_path_factory.mktemp("course")
@@ -227,6 +352,16 @@ def test_each_kind_of_submission_gets_its_exact_score(graded, student):
     assert sum(scores.values()) == expected, f"{student}: the gradebook says {scores}"
 
 
+@pytest.mark.parametrize("student", sorted(TWINS))
+def test_an_attack_never_scores_more_than_its_honest_twin(graded, student):
+    rows = graded["rows"]
+    twin = TWINS[student]
+    ceiling = rows["twin_of_reads_expected_value"].score if student == "reads_expected_value" else \
+        (TWIN if twin == EPS_FORGOTTEN else FULL - POINTS["test_structure"])
+    assert rows[student].score <= ceiling, f"{student}: {rows[student].score} > its honest twin's {ceiling}: {rows[student].reason}"
+    assert CASES[student][2] in rows[student].reason, rows[student].reason
+
+
 def test_library_module_inside_batch_norm_loses_the_structure_points(graded):
     row = graded["rows"]["library_module"]
     assert row.score <= FULL - 3 and "library" in row.reason, row.reason
@@ -294,42 +429,7 @@ def test_feedback_shows_the_teaching_message_and_no_solution(graded):
     assert "new_var = (1 - momentum) * moving_var + momentum * var * m / (m - 1)" not in page
 
 
-# --- the probes and the judge, without a sandbox ---------------------------------------------------
-
-def test_records_carry_data_only_and_round_trip_exactly():
-    for t in (torch.randn(3, 4, dtype=torch.float64), torch.tensor(2.5), torch.zeros(0, 2), torch.arange(5)):
-        back = decode(json.loads(json.dumps(encode(t))))
-        assert back.dtype == t.dtype and torch.equal(back, t)
-    with pytest.raises(ValueError):
-        decode({"tensor": {"dtype": "float64", "shape": [4], "data": "AAAA"}})
-    assert list(read_records(b'{"t": "done"}\nnot json\n{"t": "x"}')) == [{"t": "done"}, {"t": "corrupt"}]
-
-
-def test_the_dispatch_trace_catches_library_batch_norm_the_source_check_cannot_see():
-    records = []
-    probe = Probe(records.append, {})
-    code = instrument("with d2lite.forbid_calls():\n    y = f(X)\n")
-    X = torch.randn(4, 3, dtype=torch.float64)
-    records.append({"t": "cell_start", "index": 0})
-    exec(code, {"__d2lite_probe__": probe, "d2lite": None, "X": X,
-                "f": lambda X: torch.ops.aten.native_batch_norm(X, None, None, None, None, True, 0.1, 1e-5)})
-    records.append({"t": "cell_end", "index": 0, "ok": True})
-    events = cell_events(records)
-    verdict = judge_cell(events[0], {"records": [], "end": {"ok": True}}, {"batch_norm", "native_batch_norm"})
-    assert not verdict.passed and "native_batch_norm" in verdict.message
-
-
-def test_a_wrong_value_fails_with_the_teaching_message_of_the_reference():
-    ref = {"records": [{"t": "close", "site": "1:0", "actual": encode(torch.ones(3)), "expected": encode(torch.ones(3)),
-                        "what": "Y", "rtol": 1e-4, "atol": 1e-4, "hint": "divide by N"}], "end": {"ok": True}}
-    student = {"records": [{"t": "close", "site": "1:0", "actual": encode(torch.zeros(3)), "expected": encode(torch.zeros(3)),
-                            "what": "forged", "rtol": 1e9, "atol": 1e9, "hint": None}], "end": {"ok": True}}
-    verdict = judge_cell(student, ref, set())
-    assert not verdict.passed and verdict.message.startswith("Y: expected") and "Hint: divide by N" in verdict.message
-    skipped = judge_cell({"records": [], "end": {"ok": True}}, ref, set())
-    assert not skipped.passed and "did not run" in skipped.message
-    assert judge_cell({"records": ref["records"], "end": {"ok": True}}, ref, set()).passed
-
+# --- without a sandbox --------------------------------------------------------------------------
 
 def test_missing_kernel_features_are_refused_by_name(monkeypatch):
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)

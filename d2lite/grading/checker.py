@@ -317,12 +317,17 @@ class Client:
     def resolve(self, proxy_class: type) -> type:
         """The class a handle claims to be, where the checker has it loaded already (torch's, d2lite's
         and the built-ins); otherwise the proxy class itself."""
+        import torch
+
         if proxy_class not in self.resolved:
             module, qualname = proxy_class.__module__, proxy_class.__qualname__
-            target = sys.modules.get(module) if module.split(".")[0] in ("torch", "d2lite", "builtins", "collections") else None
+            target = sys.modules.get(module) if module.split(".")[0] in ("torch", "d2lite") else None
             for part in qualname.split(".") if target is not None else ():
                 target = getattr(target, part, None)
-            self.resolved[proxy_class] = target if isinstance(target, type) else proxy_class
+            # only layers (pure Python classes): a handle that passed for a tensor or a built-in
+            # type would be taken for one by C code that trusts isinstance
+            ok = isinstance(target, type) and issubclass(target, torch.nn.Module)
+            self.resolved[proxy_class] = target if ok else proxy_class
         return self.resolved[proxy_class]
 
     # --- sending -------------------------------------------------------------------------------
@@ -352,15 +357,15 @@ class Client:
                     if hasattr(obj, "_hid") and isinstance(obj, client.RemoteTensor):
                         return ("s", obj._hid)
                     cid = client._tensor_cid(obj)
-                    state = (obj._version, bool(obj.requires_grad), id(obj.grad),
-                             None if obj.grad is None else obj.grad._version)
+                    grad = obj.grad if obj.is_leaf else None
+                    state = (obj._version, bool(obj.requires_grad), id(grad), None if grad is None else grad._version)
                     if client.sent.get(cid) == state:  # the oracle's copy is up to date: no bytes again
                         return ("t", cid, None, state[1], isinstance(obj, torch.nn.Parameter), None)
                     client.sent[cid] = state
                     plain = obj.detach()
                     if type(plain) is not torch.Tensor:
                         plain = plain.as_subclass(torch.Tensor)
-                    grad = None if obj.grad is None else obj.grad.detach().as_subclass(torch.Tensor)
+                    grad = None if grad is None else grad.detach().as_subclass(torch.Tensor)
                     raw.extend(r for r in (plain, grad) if r is not None)
                     return ("t", cid, plain, state[1], isinstance(obj, torch.nn.Parameter), grad)
                 if isinstance(obj, Remote):
@@ -614,12 +619,20 @@ class Namespace(dict):
 
     def __init__(self, client: Client, answers) -> None:
         super().__init__()
-        self._client, self._answers, self._cache = client, frozenset(answers), {}
+        self._client, self._answers, self._cache, self._bound = client, frozenset(answers), {}, set()
         dict.__setitem__(self, "__builtins__", builtins)
         dict.__setitem__(self, "__name__", "__checker__")
 
     def new_cell(self) -> None:
-        self._cache = {}
+        self._cache, self._bound = {}, set()
+
+    def __setitem__(self, key, value):
+        self._bound.add(key)  # bound by the test cell itself: its own, even if an answer has the name
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        self._bound.discard(key)
+        dict.__delitem__(self, key)
 
     def _student(self, key):
         if key in self._cache:
@@ -633,7 +646,7 @@ class Namespace(dict):
         return self._cache[key]
 
     def __getitem__(self, key):
-        if key in self._answers:
+        if key in self._answers and key not in self._bound:
             return self._student(key)
         try:
             return dict.__getitem__(self, key)
@@ -724,7 +737,7 @@ def run_test(source: str, grade_id: str, hidden: list, ns: Namespace, client: Cl
     d2lite.forbid_calls = d2lite.checks.forbid_calls = forbid
     # memory is measured where the student's functions run: the oracle's process, read from outside it
     d2lite.checks.resident_mib = lambda pid="self": saved[4](client.oracle_pid or "self")
-    sys.stdout = sys.stderr = _Capture(output)
+    sys.stdout, sys.stderr = _Capture(output), _Capture([])  # what the test prints; never the grader's warnings
     try:
         exec(code, ns)  # noqa: S102 — the instructor's test cell
     except BaseException as error:  # noqa: BLE001 — every failure is this test's verdict
@@ -734,6 +747,14 @@ def run_test(source: str, grade_id: str, hidden: list, ns: Namespace, client: Cl
                 line = frame.lineno
         lines = source.splitlines()
         in_hidden = line is not None and any(start <= line <= end for start, end in hidden)
+        student_text = not isinstance(error, AssertionError) or hasattr(error, "student_traceback")
+        if in_hidden and student_text:
+            # the student's own text (an exception message) could carry the hidden inputs
+            kind = str(error).split(":", 1)[0] if isinstance(error, StudentError) else type(error).__name__
+            message = (str(error) if isinstance(error, (Stopped, Malformed)) else
+                       f"your code raised {kind} in a hidden test")
+            return {"ok": False, "ename": "Error", "message": message, "line": line, "hidden": True, "code": None,
+                    "stdout": "".join(output)[:MAX_CELL_OUTPUT]}
         quoted = None if line is None or in_hidden or line > len(lines) else lines[line - 1].strip()[:300]
         return {"ok": False, "ename": type(error).__name__ if not isinstance(error, (Stopped, Malformed)) else "Error",
                 "message": _message(error), "line": line, "hidden": in_hidden, "code": quoted,
@@ -779,7 +800,7 @@ def run(job: dict, client: Client, emit) -> None:
         if role == "test":
             verdict = run_test(cell["source"], cell["grade_id"], cell.get("hidden", []), ns, client)
             end.update(verdict)
-            end["stdout"] = ("".join(client.output) + verdict.get("stdout", ""))[:MAX_CELL_OUTPUT]
+            end["stdout"] = verdict.get("stdout", "")[:MAX_CELL_OUTPUT]
         emit(end)
     emit({"t": "done"})
 

@@ -53,10 +53,9 @@ def _text(value, limit=MAX_TEXT) -> str:
     return str(value if value is not None else "")[:limit]
 
 
-def judge(rebuilt: Rebuilt, ends: dict[int, dict], structural: set[int], flags: list, stopped: str) -> dict[int, Verdict]:
-    """Each test cell's verdict. A test passes only if the checker says so; a structural test also
-    needs no ``structure``/``machinery`` finding of the source policy."""
-    concerns = [f for f in flags if f.kind in ("structure", "machinery")]
+def judge(rebuilt: Rebuilt, ends: dict[int, dict], concerns: dict[int, list], stopped: str) -> dict[int, Verdict]:
+    """Each test cell's verdict. A test passes only if the checker says so, and, for a structural
+    test, if no finding of the source policy concerns it (``concerns``: test index -> findings)."""
     verdicts = {}
     for i, role in enumerate(rebuilt.roles):
         if role != "test":
@@ -75,8 +74,8 @@ def judge(rebuilt: Rebuilt, ends: dict[int, dict], structural: set[int], flags: 
             else:
                 where = ""
             verdicts[i] = Verdict(False, message, "failed: " + message.splitlines()[0][:160], where)
-        if verdicts[i].passed and i in structural and concerns:
-            flag = concerns[0]
+        if verdicts[i].passed and concerns.get(i):
+            flag = concerns[i][0]
             verdicts[i] = Verdict(False, f"0 points for this check: {flag}", f"flagged ({flag.kind})", "")
     return verdicts
 

@@ -10,6 +10,7 @@ notebook. This process is the single writer of the gradebook and of the ledger.
 from __future__ import annotations
 
 import ast
+import base64
 import hashlib
 import json
 import os
@@ -115,23 +116,44 @@ def _grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
     reasons += rebuilt.notes[:5]
     tests = [i for i, role in enumerate(rebuilt.roles) if role == "test"]
     structural = {i for i in tests if "forbid_calls(" in rebuilt.nb.cells[i].source}
+    used = {i: split.names_used(rebuilt.nb.cells[i].source) for i in structural}
     ends, outcome = {}, None
     if student_nb is None:
         verdicts = {i: judge.Verdict(False, f"0 points: {reasons[0]}", reasons[0]) for i in tests}
     else:
         structure = set(context["structure"])
         flags: list[policy.Flag] = []
+        concerns: dict[int, list] = {}
         for i, (cell, role) in enumerate(zip(rebuilt.nb.cells, rebuilt.roles)):
             if cell.cell_type == "code" and role in ("solution", "student"):
                 label = nbgrader_meta(cell).get("grade_id") or f"cell {i + 1} (your own)"
                 found = policy.check_cell(cell.source, label, structure=structure)
                 # library normalization counts in the graded answers only, not in scratch cells
-                flags += [f for f in found if f.kind != "structure" or role == "solution"]
+                found = [f for f in found if f.kind != "structure" or role == "solution"]
+                flags += found
+                defined = context["answers_by_cell"].get(nbgrader_meta(cell).get("grade_id"), [])
+                for t in structural:
+                    for f in found:
+                        # the runtime (machinery) concerns every structural test; library use in an
+                        # answer, the structural tests of what that answer defines
+                        if f.kind == "machinery" or (f.kind == "structure" and set(defined) & used[t]):
+                            concerns.setdefault(t, []).append(f)
+        for path, data in sorted(task["files"].items()):  # the submission's own modules run in its process too
+            if path.endswith(".py"):
+                try:
+                    text = base64.b64decode(data).decode("utf-8", errors="replace")
+                except ValueError:
+                    continue
+                found = [f for f in policy.check_cell(text, f"{path} (your file)", structure=structure)
+                         if f.kind == "machinery"]
+                flags += found
+                for t in structural:
+                    concerns.setdefault(t, []).extend(found)
         job = split.checker_job(rebuilt, context["answers"], task["files"], limits.wall)
         result = _execute_unlocked(job, limits, context["modules"])
         outcome = result["outcome"]
         ends, notes = judge.cell_events(judge.read_records(result["records"]))
-        verdicts = judge.judge(rebuilt, ends, structural, flags, _stopped(outcome, limits))
+        verdicts = judge.judge(rebuilt, ends, concerns, _stopped(outcome, limits))
         reasons += [f"flagged ({f.kind}): {f}" for f in flags if f.kind != "syntax"][:3]
         reasons += notes[:2]
         if outcome["notes"] or outcome["killed"]:
@@ -250,6 +272,7 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
             tests = [rebuilt.nb.cells[i].source for i, r in enumerate(rebuilt.roles) if r == "test"]
             local[name] = {"source": nbformat.writes(source_nb), "icells": icells, "modules": modules,
                            "answers": split.answer_names(source_nb),
+                           "answers_by_cell": {k: sorted(v) for k, v in split.answers_by_cell(source_nb).items()},
                            "structure": sorted(structure_names(source_nb, tests))}
         # the reference solutions must pass their own tests (checked once, until they change)
         references, missing = {}, {}

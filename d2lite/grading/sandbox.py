@@ -434,6 +434,8 @@ class Warm:
             if not killed and student.oom_killed():
                 killed.append("memory")
             returncode = codes.get(str(pids[1]))
+            checker_code = codes.get(str(pids[0]))
+            notes = [] if killed or checker_code == 0 else [f"the checker ended with status {checker_code}"]
             if student.procs() or checker.procs():  # survivors of a fork race: the server's PID namespace goes with them
                 self.close()
             elif returncode == DIRTY:  # the notebook did not start: the caller runs it on a new server
@@ -446,7 +448,7 @@ class Warm:
             return Outcome(returncode=returncode, records=rec_sink.get("data", b""),
                            output=out_sink.get("data", b""), output_bytes=out_sink.get("total", 0),
                            seconds=seconds, peak_memory=student.peak(), killed=killed[0] if killed else None,
-                           leftover=leftover)
+                           leftover=leftover, notes=notes)
         except (OSError, ValueError, SandboxUnavailable) as error:
             self.close()  # a server that lost track is never reused; the caller starts another
             student.kill_all()

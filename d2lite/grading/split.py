@@ -40,26 +40,45 @@ def hidden_ranges(source: str) -> list[tuple[int, int]]:
 
 def answer_names(source_nb) -> list[str]:
     """The names bound at top level by the reference notebook's solution cells."""
-    names: set[str] = set()
+    return sorted(set().union(*answers_by_cell(source_nb).values()))
+
+
+def answers_by_cell(source_nb) -> dict[str, set[str]]:
+    """grade_id of each solution code cell -> the names it binds at top level (in the reference)."""
+    out = {}
     for cell in source_nb.cells:
-        if cell.cell_type != "code" or not nbgrader_meta(cell).get("solution"):
-            continue
-        try:
-            tree = ast.parse(cell.source)
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(node.name)
-            elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                for target in targets:
-                    for n in ast.walk(target):
-                        if isinstance(n, ast.Name):
-                            names.add(n.id)
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                names.update((a.asname or a.name).split(".")[0] for a in node.names)
-    return sorted(names)
+        if cell.cell_type == "code" and nbgrader_meta(cell).get("solution"):
+            out[nbgrader_meta(cell).get("grade_id", "")] = _bound(cell.source)
+    return out
+
+
+def names_used(source: str) -> set[str]:
+    """The names a cell reads (anywhere, nested functions included)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _bound(source: str) -> set[str]:
+    names: set[str] = set()
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return names
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for n in ast.walk(target):
+                    if isinstance(n, ast.Name):
+                        names.add(n.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
 
 
 def roles(rebuilt: Rebuilt) -> list[str | None]:

@@ -133,18 +133,21 @@ def encode_value(value: Any, handle: Callable[[Any], dict], ref: Callable[[Any],
 def tensor_record(t, handle=None) -> dict:
     import torch
 
-    dtype = str(t.dtype).removeprefix("torch.")
-    plain = t.detach().cpu()
+    base = torch._C.TensorBase  # the tensor's own fields, not what a subclass's properties say
+    requires_grad, grad_fn = base.requires_grad.__get__(t), base.grad_fn.__get__(t)
+    with torch._C.DisableTorchFunctionSubclass():
+        plain = base.detach(t).cpu()
     if type(plain) is not torch.Tensor:
         plain = plain.as_subclass(torch.Tensor)
+    dtype = str(plain.dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise TypeError(f"a tensor of dtype {dtype} cannot be returned")
     flat = plain.reshape(-1).contiguous()
     raw = (flat.view(torch.uint8) if dtype == "bfloat16" else flat).numpy().tobytes()
     record = {"dtype": dtype, "shape": list(plain.shape), "data": base64.b64encode(raw).decode(),
-              "rg": bool(t.requires_grad), "gf": t.grad_fn is not None,
+              "rg": bool(requires_grad), "gf": grad_fn is not None,
               "param": isinstance(t, torch.nn.Parameter)}
-    if handle is not None and (t.requires_grad or t.grad_fn is not None):
+    if handle is not None and (requires_grad or grad_fn is not None):
         record["h"] = handle(t)["h"]["id"]
     return record
 
