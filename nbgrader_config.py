@@ -42,3 +42,12 @@ c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedE
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
 c.ClearHiddenTests.begin_test_delimeter = "BEGIN HIDDEN TESTS"
 c.ClearHiddenTests.end_test_delimeter = "END HIDDEN TESTS"
+
+# Feedback shows each failed test's message (and its line, unless hidden), never the hidden tests'
+# code: nbgrader's generate_feedback renders the autograded notebooks as they are, hidden tests
+# included (nbgrader #917, #1363), so the feedback clears them as generate_assignment does.
+# Formgrader's manual grading still shows the instructor the whole test cell.
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor  # noqa: E402
+from nbgrader.preprocessors import ClearHiddenTests, GetGrades  # noqa: E402
+
+c.GenerateFeedback.preprocessors = [GetGrades, ClearHiddenTests, CSSHTMLHeaderPreprocessor]

@@ -2,6 +2,7 @@
 score it must get (never more than its honest twin: the same code without the trick) and none of
 the side effects it tries. One batch grades them all (notebook 00_from_scratch, 14 autograded
 points), which is itself the test that a mixed batch completes."""
+import html
 import json
 import os
 import shutil
@@ -214,7 +215,7 @@ CASES = {
         "import sys\nsys.modules['d2lite'].assert_close = lambda *a, **k: None\n" + EPS_FORGOTTEN)), TWIN - STRUCTURAL, "machinery"),
     "prompts_hide_a_patch": (lambda: _solution(read(SOLUTIONS / f"{NB}.ipynb"), _prompted(
         "d2lite.assert_close = lambda *a, **k: None\n" + EPS_FORGOTTEN)), TWIN - STRUCTURAL, "machinery"),
-    "syntax_error_is_flagged": (lambda: _with("def batch_norm(:\n    pass\n"), 0, "test_train_2d"),
+    "syntax_error_is_flagged": (lambda: _with("def batch_norm(:\n    pass\n"), POINTS["test_gamma_beta_grads"], "syntax"),
     # the test cells' expected values never enter the student's process
     "reads_expected_value": (lambda: _with(READS_EXPECTED), None, "test_train_2d"),
     # the channel to the checker: forged, oversized and deeply nested records
@@ -424,9 +425,16 @@ def test_feedback_shows_the_teaching_message_and_no_solution(graded):
     result = NbGraderAPI(config=config).generate_feedback(ASSIGNMENT, "mistake_eps_forgotten")
     mp.undo()
     assert result["success"], result["error"]
-    page = (root / "feedback" / "mistake_eps_forgotten" / ASSIGNMENT / f"{NB}.html").read_text()
-    assert "eps" in page and "Hint" in page
+    page = html.unescape((root / "feedback" / "mistake_eps_forgotten" / ASSIGNMENT / f"{NB}.html").read_text())
+    # the failed check: its line and its message, with the hint
+    assert "Test failed at line" in page and "Y with eps=1.0: expected" in page and "Hint: did you forget eps" in page
+    # no reference solution, no hidden test code or inputs, no grader internals
     assert "new_var = (1 - momentum) * moving_var + momentum * var * m / (m - 1)" not in page
+    for hidden in ("for N, C, eps, seed in ((8, 3, 0.5, 9), (40, 2, 3.0, 10)):", "BEGIN HIDDEN TESTS",
+                   "chained_step", "X4 = torch.randn(4, 3, 2, 2, generator=g"):
+        assert hidden not in page, hidden
+    for internal in ("d2lite/grading", "__d2lite", "checker.py", "oracle.py", str(root)):
+        assert internal not in page, internal
 
 
 # --- without a sandbox --------------------------------------------------------------------------

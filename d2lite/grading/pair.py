@@ -32,11 +32,11 @@ def run_unsandboxed(job: dict, cwd: str, env: dict | None = None, timeout: float
     oracle = subprocess.Popen(
         [sys.executable, "-c", "import sys; from d2lite.grading import oracle; sys.exit(oracle.main())"],
         cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        pass_fds=(3, 4), preexec_fn=remap({3: to_oracle_r, 4: to_checker_w}), close_fds=False)
+        pass_fds=(3, 4), preexec_fn=remap({3: to_oracle_r, 4: to_checker_w}), close_fds=True)
     checker = subprocess.Popen(
         [sys.executable, "-c", "import os, sys; os.environ.get('D2LITE_CHECKER_DEBUG') and exec(open(os.environ['D2LITE_CHECKER_DEBUG']).read()); from d2lite.grading import checker; sys.exit(checker.main())"],
         cwd="/", env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        pass_fds=(3, 4, 5), preexec_fn=remap({3: records_w, 4: to_oracle_w, 5: to_checker_r}), close_fds=False)
+        pass_fds=(3, 4, 5), preexec_fn=remap({3: records_w, 4: to_oracle_w, 5: to_checker_r}), close_fds=True)
     for fd in (to_oracle_r, to_oracle_w, to_checker_r, to_checker_w, records_w):
         os.close(fd)
     out = {}

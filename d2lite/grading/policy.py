@@ -28,7 +28,12 @@ __all__ = ["Flag", "check_cell", "structure_names"]
 ATTRIBUTE_FUNCTIONS = {"getattr", "setattr", "delattr", "hasattr"}
 # dunders ordinary code needs (super().__init__(), type(x).__name__); __globals__, __code__,
 # __dict__, __subclasses__, __builtins__ ... stay forbidden
-ALLOWED_DUNDERS = {"__init__", "__name__", "__qualname__", "__doc__", "__class__"}
+ALLOWED_DUNDERS = {"__init__", "__name__", "__qualname__", "__doc__", "__class__",
+                   # the protocol methods an ordinary class defines (a layer, a small container)
+                   "__call__", "__repr__", "__str__", "__format__", "__eq__", "__ne__", "__lt__", "__le__",
+                   "__gt__", "__ge__", "__hash__", "__bool__", "__len__", "__iter__", "__next__", "__getitem__",
+                   "__setitem__", "__contains__", "__enter__", "__exit__", "__add__", "__radd__", "__sub__",
+                   "__mul__", "__rmul__", "__truediv__", "__neg__", "__post_init__"}
 FORBIDDEN_CALLS = {"vars", "globals", "locals", "exec", "eval", "compile",
                    "__import__", "get_ipython", "breakpoint", "memoryview"}
 FORBIDDEN_MODULES = {"importlib", "ctypes", "gc", "inspect", "sys", "builtins", "IPython", "types", "marshal",
@@ -125,6 +130,9 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
         lineno, why = (int(match.group(1)), match.group(2)) if match else (None, error)
         if "invalid variable name because it starts with \"_\"" in why and '"__' not in why:
             continue  # a private helper name (_helper) is harmless; dunders are not
+        defined = re.match(r'"([^"]+)" is an invalid variable name', why)
+        if defined and defined.group(1) in ALLOWED_DUNDERS:
+            continue  # def __eq__(self, other): a class's own protocol method
         name = re.match(r'"([^"]+)" is an invalid attribute name', why)
         if name and (name.group(1) in ALLOWED_DUNDERS or re.fullmatch(r"_[A-Z]\w*", name.group(1))):
             continue  # super().__init__(), nn.modules.batchnorm._BatchNorm (a private class, read only)

@@ -154,7 +154,7 @@ def _grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
         outcome = result["outcome"]
         ends, notes = judge.cell_events(judge.read_records(result["records"]))
         verdicts = judge.judge(rebuilt, ends, concerns, _stopped(outcome, limits))
-        reasons += [f"flagged ({f.kind}): {f}" for f in flags if f.kind != "syntax"][:3]
+        reasons += [f"flagged ({f.kind}): {f}" for f in flags][:3]
         reasons += notes[:2]
         if outcome["notes"] or outcome["killed"]:
             reasons.append(_stopped(outcome, limits))
