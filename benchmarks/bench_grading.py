@@ -7,7 +7,12 @@ that it runs rather than reusing the reference's records), and one student in si
 the five mistakes of tests/test_grading.py in 00_from_scratch.
 
     .venv/bin/python benchmarks/bench_grading.py [--students 20] [--serial-students 8] [--out benchmarks/results]
+        [--baseline GIT_REF]
     (as root: the sandbox; D2LITE_DATA pointing at the data set)
+
+--baseline grades the same class, in the same run, with the grader of an earlier commit (its
+d2lite and its solutions, from a `git worktree`; its d2lite bind-mounted over this one in a mount
+namespace of its own), so that old and new stand side by side.
 """
 from __future__ import annotations
 
@@ -36,12 +41,12 @@ def _mistakes() -> dict[str, str]:
     return {name: source for name, (source, _, _) in MISTAKES.items()}
 
 
-def _course(tmp: Path, env: dict, students: int) -> tuple[Path, list[str]]:
+def _course(tmp: Path, env: dict, students: int, source: Path = ROOT, name: str = "course") -> tuple[Path, list[str]]:
     import nbformat
 
-    root = tmp / "course"
-    shutil.copytree(ROOT / "solutions", root / "solutions")
-    shutil.copy(ROOT / "nbgrader_config.py", root)
+    root = tmp / name
+    shutil.copytree(source / "solutions", root / "solutions")
+    shutil.copy(source / "nbgrader_config.py", root)
     subprocess.run([str(BIN / "nbgrader"), "generate_assignment", ASSIGNMENT, "--force"],
                    cwd=root, check=True, capture_output=True, env=env)
     mistakes = list(_mistakes().items())
@@ -118,11 +123,35 @@ def main(argv=None) -> int:
     parser.add_argument("--students", type=int, default=20, help="the class graded with --workers 2 and on Dask")
     parser.add_argument("--serial-students", type=int, default=8, help="how many of them --workers 1 grades")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--baseline", default=None, metavar="GIT_REF",
+                        help="also grade the class with the grader of this commit, side by side")
     args = parser.parse_args(argv)
     env = dict(os.environ, PATH=str(BIN) + os.pathsep + os.environ.get("PATH", ""))
+    baseline = None
     with tempfile.TemporaryDirectory() as tmp:
-        root, students = _course(Path(tmp), env, args.students)
         grade = [str(BIN / "d2lite"), "grade", ASSIGNMENT, "--no-progress"]
+        if args.baseline:
+            old = Path(tmp) / "baseline"
+            subprocess.run(["git", "worktree", "add", "--detach", str(old), args.baseline], cwd=ROOT, check=True,
+                           capture_output=True)
+            try:
+                old_root, old_students = _course(Path(tmp), env, args.students, source=old, name="old_course")
+                old_env = env
+                # the old d2lite where the installed one is, in a mount namespace of its own (as root):
+                # the grader and its sandbox import it from there, the checkout is left as it is
+                old_grade = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             f'mount --bind "{old / "d2lite"}" "{ROOT / "d2lite"}" && exec "$0" "$@"',
+                             str(BIN / "d2lite"), "grade", ASSIGNMENT, "--no-progress"]
+                _run(f"{args.baseline}: d2lite grade --workers 2, one submission (reference recorded)",
+                     [*old_grade, "--student", old_students[0], "--workers", "2"], old_root, old_env)
+                old_w2 = _run(f"{args.baseline}: d2lite grade --workers 2, {len(old_students)} submissions",
+                              [*old_grade, "--workers", "2", "--force", "--report", "reports/w2.csv"], old_root, old_env)
+                old_rows = _report(old_root / "reports/w2.csv")
+                baseline = (args.baseline, old_w2, [float(r["seconds"]) for r in old_rows],
+                            {(r["student"], r["notebook"]): float(r["score"]) for r in old_rows})
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True)
+        root, students = _course(Path(tmp), env, args.students)
         nbgrader = _run("nbgrader autograde, one submission", [str(BIN / "nbgrader"), "autograde", ASSIGNMENT,
                                                                "--student", "nbgrader_student", "--force"], root, env)
         nb_scores = {}
@@ -187,6 +216,17 @@ def main(argv=None) -> int:
         f"- scores: identical across --workers 1, --workers 2 and Dask: {same_scores}; the honest submission's "
         f"per-notebook scores equal nbgrader autograde's: {same_as_nbgrader}.",
     ]
+    if baseline is not None:
+        ref, old_w2, old_seconds, old_scores = baseline
+        per_old = old_w2 / len(students)
+        new_scores = _scores(w2_rows)
+        lines[8:8] = [f"| before ({ref}): d2lite grade --workers 2 | {len(students)} | {old_w2:.1f} | {per_old:.1f} | "
+                      f"{3600 / per_old:.0f} |"]
+        lines += [f"- against the grader of {ref} on the same class in this run: {per_w2 / per_old:.2f}x its seconds "
+                  f"per submission ({per_w2:.1f} vs {per_old:.1f}); seconds per notebook p50 "
+                  f"{statistics.median(seconds):.1f} vs {statistics.median(old_seconds):.1f}, p95 "
+                  f"{_percentile(seconds, 0.95):.1f} vs {_percentile(old_seconds, 0.95):.1f}; scores that differ: "
+                  f"{sorted(k for k in new_scores if old_scores.get(k) != new_scores[k])}."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grading.md").write_text("\n".join(lines) + "\n")

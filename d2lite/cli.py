@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="stdout+stderr per notebook before it is stopped (default 8M)")
     grd.add_argument("--report", default=None, help="CSV report path (default reports/ASSIGNMENT.csv)")
     grd.add_argument("--refresh-reference", action="store_true",
-                     help="recompute the reference solution's records even if cached")
+                     help="check again that the reference solutions pass every test, even if checked before")
     grd.add_argument("--workers", type=_positive_int, default=None,
                      help="notebooks graded at once on this machine (default: the number of cores)")
     grd.add_argument("--scheduler", default=None, metavar="tcp://HOST:8786",
@@ -160,10 +160,13 @@ flagged) to reports/ASSIGNMENT.csv.
 How a grade is taken:
   * each notebook is rebuilt from the instructor's copy (test cells, points, grade ids, cell types,
     kernelspec from the gradebook and source/); only the answers are the student's;
-  * it runs in its own sandbox; every test cell runs as a probe that records the values it checks;
-  * the grader compares those values with the reference solution's (run once, cached in
-    .d2lite/reference/) outside the sandbox, and checks the student's source (no patching of
-    libraries, no introspection, no library batch norm where a test says "does the work itself").
+  * it runs in its own sandbox as two processes: the student's (answer cells and setup; it never
+    sees a test cell) answers requests with data, and a checker (another user) runs every test
+    cell, computes the expected values and decides which tests pass; the reference solutions are
+    checked once to pass every test (cached in .d2lite/reference/);
+  * "does the work itself" tests run the student's function with library normalization
+    unavailable and judge the values; the source policy reports reaching into the runtime, which
+    costs those structural tests only.
 
 The sandbox (bubblewrap + cgroup v1) needs: root, `bwrap`, `setpriv`, mount/PID/network/IPC/UTS
 namespaces, the cgroup v1 memory and pids controllers, and the user `nobody`. Without any of them
@@ -177,9 +180,10 @@ every (student, notebook) on a Dask cluster whose workers have the same sandbox 
 gradebook is written by this process only. A run that is interrupted (Ctrl-C, killed) resumes:
 the next run grades only notebooks not yet graded from the same submission, unless --force.
 
-What a student can still do: anything the policy does not see (e.g. attributes reached through a
-name computed at run time), waste their own notebook's time and memory up to the caps, and read
-what is world-readable among the mounted paths (Python, torch, d2lite, the data set).
+What a student can still do: decide what their own functions return (that is what is graded),
+waste their own notebook's time and memory up to the caps, and read what is world-readable among
+the mounted paths (Python, torch, d2lite, the data set). See the README for what remains reported
+by the student's own process.
 """
 
 

@@ -1,12 +1,14 @@
-"""Inside the sandbox: a warm fork server; each notebook runs in a fresh fork of it, dropped to `nobody`.
+"""Inside the sandbox: a warm fork server; each notebook runs as two fresh forks of it.
 
-The server (root inside bubblewrap, with only CAP_SETUID/CAP_SETGID) imports torch, d2lite, IPython
-and the assignment's own imports and decodes Fashion-MNIST once, then never runs student code. For
-each notebook the grader sends three pipe ends (stdin, stdout+stderr, records) over a Unix socket;
-the server forks, and the child wipes the private directories a previous notebook may have left
-files in, drops to `nobody` (no capabilities, no_new_privs, its own session), and runs worker.main
-on a job it reads from stdin. The server replies ``forked`` and, when the child ends, ``exit``.
-Every child is a copy of the same untouched server, so no student sees another's state.
+The server (root inside bubblewrap, with only CAP_SETUID/CAP_SETGID/CAP_SETPCAP) imports torch,
+d2lite, IPython and the assignment's own imports and decodes Fashion-MNIST once, then never runs
+student code. For each notebook the grader asks for two children, each in a cgroup of its own: the
+checker (checker.py; a uid of its own) and the student's oracle (oracle.py; `nobody`, after wiping
+the private directories a previous notebook may have left files in). Each drops every capability,
+sets no_new_privs and starts its own session. A request is ``F`` + {"role": ...} with the child's
+pipe ends (SCM_RIGHTS); the server replies ``forked``. ``W`` + {"pids": [...]} waits for children and
+replies their ``exit`` statuses. Every child is a copy of the same untouched server, so no student
+sees another's state.
 """
 from __future__ import annotations
 
