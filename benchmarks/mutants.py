@@ -111,16 +111,38 @@ def main(argv=None) -> int:
     parser.add_argument("--notebook", action="append", choices=NOTEBOOKS, help="only these notebooks")
     parser.add_argument("--sample", type=int, help="a fixed random sample of K mutants per notebook")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--grade", type=int, default=0, metavar="K",
+                        help="also grade K killed mutants per notebook through `d2lite grade` (needs the sandbox: "
+                             "root, bubblewrap); each must lose points")
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
     start = time.perf_counter()
     results = run(args.notebook or NOTEBOOKS, args.sample)
     wall = time.perf_counter() - start
+    text = report(results, wall, args.sample)
+    kept = []
+    if args.grade:
+        import random
+        import tempfile
+
+        picks = []
+        for name, r in results.items():
+            killed = [r["mutants"][o.id] for o in r["outcomes"] if killed_status(o) == "killed"]
+            picks += [(name, m) for m in random.Random(0).sample(killed, min(args.grade, len(killed)))]
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            graded = mutation.grade_mutants(Path(tmp), picks)
+        kept = [(n, m, s, most) for n, m, s, most in graded if s >= most]
+        text += (f"\n## Through `d2lite grade`\n\n{len(graded)} killed mutants ({args.grade} per notebook, seeded) "
+                 f"submitted as students and graded by `d2lite grade` in {time.perf_counter() - start:.0f} s: "
+                 f"{len(graded) - len(kept)} lost points, {len(kept)} kept every point.\n")
+        text += "".join(f"\n- `{m.id}` ({n}): {s:g}/{most:g}\n" for n, m, s, most in kept)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(results, wall, args.sample) + "\n")
+    args.out.write_text(text + "\n")
     surviving = sum(r["counts"]["survived"] for r in results.values())
-    print(f"{args.out}: {surviving} surviving non-equivalent mutants, {wall:.0f} s in all")
-    return 1 if surviving else 0
+    print(f"{args.out}: {surviving} surviving non-equivalent mutants, {len(kept)} killed mutants that kept every "
+          f"point under d2lite grade, {wall:.0f} s in all")
+    return 1 if surviving or kept else 0
 
 
 if __name__ == "__main__":

@@ -568,6 +568,36 @@ def run_notebook(path: Path, mutants: list[Mutant], timeout: float | None = None
     return reference, outcomes, setup_seconds
 
 
+# ---------------------------------------------------------------------------------------- d2lite grade
+def grade_mutants(workdir: Path, picks: list[tuple[str, "Mutant"]]) -> list[tuple[str, "Mutant", float, float]]:
+    """Submit each (notebook, mutant) as a student of a fresh course in ``workdir`` and grade them all
+    with `d2lite grade` (the sandbox: root, bubblewrap, cgroups). Returns (notebook, mutant, score, max)."""
+    from notebook_utils import ASSIGNMENT, nbgrader_env, new_course
+
+    from d2lite.grading.runner import grade
+
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = nbgrader_env()["PATH"]
+    try:
+        root = workdir / "course"
+        new_course(root, workdir / "exchange")
+    finally:
+        os.environ["PATH"] = path
+    students = {}
+    for i, (name, mutant) in enumerate(picks):
+        student = f"mutant{i:03d}"
+        students[student] = (name, mutant)
+        folder = root / "submitted" / student / ASSIGNMENT
+        folder.mkdir(parents=True)
+        nb = nbformat.read(str(SOLUTIONS / f"{name}.ipynb"), as_version=4)
+        next(c for c in nb.cells if c.get("metadata", {}).get("nbgrader", {}).get("grade_id") == mutant.cell).source = \
+            mutant.source
+        nbformat.write(nb, str(folder / f"{name}.ipynb"))
+    rows = {(r.student, r.notebook): r for r in grade(root, ASSIGNMENT, echo=lambda *a: None, progress=False)}
+    return [(name, mutant, rows[(student, name)].score, rows[(student, name)].max_score)
+            for student, (name, mutant) in students.items()]
+
+
 # ---------------------------------------------------------------------------------------- workers
 def worker_main(argv: list[str]) -> None:
     """python tests/mutation.py NOTEBOOK_PATH MUTANTS_JSON OUT_JSON [TIMEOUT]"""

@@ -119,38 +119,15 @@ def test_killed_mutants_lose_points_through_d2lite_grade(tmp_path):
     """Each mistake the harness's test cells catch also loses points when graded for real: a seeded
     sample of each notebook's killed mutants, submitted as students and graded by `d2lite grade`
     (the checker and the student's oracle in the sandbox)."""
-    import shutil
-
     from test_trusted_grading import MISSING
     if MISSING:
         pytest.skip(f"sandbox unavailable: {MISSING}")
-    from notebook_utils import ASSIGNMENT, nbgrader_env, new_course
-
-    from d2lite.grading.runner import grade
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PATH", nbgrader_env()["PATH"])
-    root = tmp_path / "course"
-    new_course(root, tmp_path / "exchange")
-    mp.undo()
-    killed = {}
+    picks = []
     for name in NOTEBOOKS:
         chosen = mutation.sample(mutation.notebook_mutants(name), 3, seed=7)
         result = mutation.run_in_worker(SOLUTIONS / f"{name}.ipynb", chosen)
-        for mutant, outcome in zip(chosen, result["outcomes"]):
-            if outcome.status in ("killed", "timeout", "crashed"):
-                student = f"m{len(killed):02d}"
-                killed[student] = (name, mutant)
-                folder = root / "submitted" / student / ASSIGNMENT
-                folder.mkdir(parents=True)
-                nb = read(SOLUTIONS / f"{name}.ipynb")
-                next(c for c in nb.cells if nbgrader_meta(c).get("grade_id") == mutant.cell).source = mutant.source
-                nbformat.write(nb, str(folder / f"{name}.ipynb"))
-    assert len(killed) >= len(NOTEBOOKS), "the sample should hold killed mutants of every notebook"
-    rows = grade(root, ASSIGNMENT, echo=lambda *a: None)
-    graded = {(r.student, r.notebook): r for r in rows}
-    kept = [f"{student} {name} {mutant.id}: {graded[(student, name)].score:g}/{graded[(student, name)].max_score:g}"
-            f"\n{mutant.diff}" for student, (name, mutant) in killed.items()
-            if graded[(student, name)].score >= graded[(student, name)].max_score]
+        picks += [(name, m) for m, o in zip(chosen, result["outcomes"]) if o.status in ("killed", "timeout", "crashed")]
+    assert len({name for name, _ in picks}) == len(NOTEBOOKS), "the sample should hold killed mutants of every notebook"
+    kept = [f"{name} {m.id}: {score:g}/{most:g}\n{m.diff}" for name, m, score, most in mutation.grade_mutants(tmp_path, picks)
+            if score >= most]
     assert not kept, "mistakes the test cells catch kept every point under d2lite grade:\n" + "\n".join(kept)
-    shutil.rmtree(root / "autograded", ignore_errors=True)

@@ -19,6 +19,7 @@ from nbgrader.apps import NbGraderAPI
 
 from notebook_utils import (ASSIGNMENT, NOTEBOOKS, SOLUTIONS, cell_by_id, nbgrader_config, nbgrader_env,
                             nbgrader_meta, new_course, read)
+from redteam_cases import HELPER_MODULE, LAYER_NORM_AS_BATCH_NORM, MEMO_REPLAYS_THE_LIBRARY, OTHER_NOTEBOOKS
 from test_grading import MISTAKES, _implementation
 
 from d2lite.grading import sandbox
@@ -241,6 +242,9 @@ CASES = {
         "    return bn(X), bn.running_mean, bn.running_var\n"), None, "library"),
     "library_on_a_thread": (lambda: _with(LIBRARY_ON_A_THREAD), FULL - POINTS["test_structure"], "library"),
     "library_except_in_the_check": (lambda: _with(LIBRARY_EXCEPT_IN_THE_CHECK), FULL - POINTS["test_structure"], "test_structure"),
+    "layer_norm_as_batch_norm": (lambda: _with(LAYER_NORM_AS_BATCH_NORM), FULL - POINTS["test_structure"], "library"),
+    "memo_replays_the_library": (lambda: _with(MEMO_REPLAYS_THE_LIBRARY), FULL - STRUCTURAL, "machinery"),
+    "honest_helper_module": ("helper", FULL, ""),
     # test cells the student changed, deleted, retyped, pasted twice, or inflated
     "tampered_test_cell": (lambda: _tampered_test_cell(_with(EPS_FORGOTTEN)), TWIN, "test_eps"),
     "deleted_test_cell": (lambda: _deleted_test_cell(_with(EPS_FORGOTTEN)), TWIN, "put back"),
@@ -321,6 +325,9 @@ def graded(tmp_path_factory):
                 nb = _with(CORRECT, "".join(f"try:\n    open({p!r}, 'w').write('pwned')\nexcept OSError as e:\n    print(e)\n"
                                             for p in (str(root / f"pwned-{MARK}"), str(outside / "pwned"),
                                                       f"/tmp/pwned-{MARK}", str(root / "gradebook.db"))))
+            elif make == "helper":  # the answer kept in a module of the student's own
+                (folder / "bn_helper.py").write_text(HELPER_MODULE)
+                nb = _with("from bn_helper import batch_norm\n")
             elif make == "shadow":
                 (folder / "d2lite.py").write_text("def assert_close(*a, **k):\n    pass\n")
                 nb = _with(EPS_FORGOTTEN, "import d2lite\n")
@@ -497,3 +504,34 @@ def test_autograded_gets_the_submissions_other_files_as_nbgrader_autograde_does(
     assert copied == ["data/notes.txt", "helper.py", "submission_secret.txt", "timestamp.txt"]
     assert (autograded / "helper.py").read_text() == "# the instructor's"
     assert not any(p.is_symlink() for p in autograded.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def other_notebooks(tmp_path_factory):
+    """Attacks on the other notebooks, each graded beside its honest twin in one batch."""
+    if MISSING:
+        pytest.skip(f"sandbox unavailable: {MISSING}")
+    root = tmp_path_factory.mktemp("course")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PATH", nbgrader_env()["PATH"])
+    new_course(root, tmp_path_factory.mktemp("exchange"))
+    mp.undo()
+    for name, students in OTHER_NOTEBOOKS.items():
+        for student, (grade_id, source) in students.items():
+            folder = root / "submitted" / student / ASSIGNMENT
+            folder.mkdir(parents=True)
+            nb = read(SOLUTIONS / f"{name}.ipynb")
+            cell_by_id(nb, grade_id).source = source
+            nbformat.write(nb, str(folder / f"{name}.ipynb"))
+    rows = grade(root, ASSIGNMENT, limits=LIMITS, notebooks=list(OTHER_NOTEBOOKS), echo=lambda *a: None)
+    return {(r.student, r.notebook): r for r in rows}
+
+
+@pytest.mark.parametrize("name, attack", [(n, s) for n, students in OTHER_NOTEBOOKS.items()
+                                          for s in students if not s.endswith("_twin")])
+def test_attacks_on_the_other_notebooks_score_less_than_their_twins_or_equal(other_notebooks, name, attack):
+    """04: an object whose subtraction answers 0.0; 05: an object of the student's that stands in for
+    the layer; 07: layer norm standing in for batch norm; 09: inputs changed in place."""
+    row, twin = other_notebooks[(attack, name)], other_notebooks[(f"{attack}_twin", name)]
+    assert row.score <= twin.score, f"{attack}: {row.score} > its twin's {twin.score}: {row.reason}"
+    assert row.score < row.max_score, f"{attack}: full marks ({row.reason})"

@@ -35,13 +35,14 @@ ALLOWED_DUNDERS = {"__init__", "__name__", "__qualname__", "__doc__", "__class__
                    "__setitem__", "__contains__", "__enter__", "__exit__", "__add__", "__radd__", "__sub__",
                    "__mul__", "__rmul__", "__truediv__", "__neg__", "__post_init__"}
 FORBIDDEN_CALLS = {"vars", "globals", "locals", "exec", "eval", "compile",
-                   "__import__", "get_ipython", "breakpoint", "memoryview"}
+                   "__import__", "get_ipython", "breakpoint", "memoryview", "attrgetter", "methodcaller"}
 FORBIDDEN_MODULES = {"importlib", "ctypes", "gc", "inspect", "sys", "builtins", "IPython", "types", "marshal",
                      "pickle", "dill", "cloudpickle", "copyreg", "code", "codeop", "runpy", "pkgutil",
                      "imp", "zipimport", "threading", "_thread", "signal", "atexit", "traceback", "ipykernel",
                      "d2lite.grading", "torch.ops", "torch.library", "torch.overrides", "torch.utils",
                      "torch._C", "torch._dynamo"}
-FORBIDDEN_ATTRIBUTES = {"ops", "library", "overrides", "f_globals", "f_locals", "f_back", "gi_frame"}
+FORBIDDEN_ATTRIBUTES = {"ops", "library", "overrides", "f_globals", "f_locals", "f_back", "gi_frame",
+                        "attrgetter", "methodcaller"}
 MODULE_NAMES = {"torch", "nn", "F", "d2lite", "np", "numpy", "plt", "matplotlib", "math", "os", "random",
                 "functools", "itertools", "copy", "collections", "torchvision", "tqdm", "nbformat"}
 # magics an honest notebook uses (they measure or display, and reach nothing)
@@ -71,11 +72,14 @@ def structure_names(dotted: list[str]) -> set[str]:
                               "LazyBatchNorm2d", "LazyBatchNorm3d", "SyncBatchNorm", "convert_batchnorm"),
                "instance_norm": ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"),
                "layer_norm": ("LayerNorm",), "group_norm": ("GroupNorm",)}
+    if any(key in name.rpartition(".")[2] for name in dotted for key in _KEYWORDS):
+        # any library normalization can stand in for another (layer norm over a channel is batch norm)
+        for key in _KEYWORDS:
+            names |= {key, "native_" + key, *classes[key]}
     for name in dotted:
         last = name.rpartition(".")[2]
-        for key in _KEYWORDS:
-            if key in last:
-                names |= {last, "native_" + last, *classes[key]}
+        if any(key in last for key in _KEYWORDS):
+            names |= {last, "native_" + last}
     return names
 
 
@@ -105,8 +109,9 @@ def transform(source: str) -> str:
 
 
 def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
-               structure: set[str] = frozenset()) -> list[Flag]:
-    """Findings in one student-written code cell, read as it will run (after IPython's transforms)."""
+               structure: set[str] = frozenset(), own_modules: set[str] = frozenset()) -> list[Flag]:
+    """Findings in one student-written code cell, read as it will run (after IPython's transforms).
+    ``own_modules``: the submission's own modules (its .py files): what comes from them is not a library's."""
     from RestrictedPython import compile_restricted_exec
 
     source = transform(source)
@@ -140,6 +145,12 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
             continue
         flags.append(Flag("machinery", cell, lineno or 0, quote(lineno), f"not allowed in graded code: {why}"))
     imported = _imported_names(tree)
+    own = set()  # names bound by imports from the student's own modules
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in own_modules:
+            own |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            own |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] in own_modules}
     magics = {id(node.func.value.func) for node in ast.walk(tree)  # get_ipython() of an allowed %magic
               if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
               and node.func.attr in ("run_line_magic", "run_cell_magic") and isinstance(node.func.value, ast.Call)
@@ -179,7 +190,7 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
                                       "code may not use"))
                     break
             for alias in node.names:
-                if alias.name.rpartition(".")[2] in structure:
+                if alias.name.rpartition(".")[2] in structure and (alias.asname or alias.name) not in own:
                     flags.append(Flag("structure", cell, line, quote(line),
                                       f"imports the library's {alias.name} instead of doing the work itself"))
         elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
@@ -197,11 +208,11 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
                     and _root(node).id in modules | {"torch"}:
                 flags.append(Flag("machinery", cell, line, quote(line),
                                   f"uses .{node.attr}, which graded code may not use"))
-            if node.attr in structure:
+            if node.attr in structure and not (isinstance(_root(node), ast.Name) and _root(node).id in own):
                 flags.append(Flag("structure", cell, line, quote(line),
                                   f"calls the library's {node.attr} instead of doing the work itself"))
         elif isinstance(node, ast.Name) and node.id in structure and isinstance(node.ctx, ast.Load) \
-                and node.id in imported:
+                and node.id in imported and node.id not in own:
             flags.append(Flag("structure", cell, line, quote(line),
                               f"uses the library's {node.id} instead of doing the work itself"))
     unique, seen = [], set()

@@ -122,12 +122,13 @@ def _grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
         verdicts = {i: judge.Verdict(False, f"0 points: {reasons[0]}", reasons[0]) for i in tests}
     else:
         structure = set(context["structure"])
+        own_modules = {Path(p).stem for p in task["files"] if p.endswith(".py") and "/" not in p}
         flags: list[policy.Flag] = []
         concerns: dict[int, list] = {}
         for i, (cell, role) in enumerate(zip(rebuilt.nb.cells, rebuilt.roles)):
             if cell.cell_type == "code" and role in ("solution", "student"):
                 label = nbgrader_meta(cell).get("grade_id") or f"cell {i + 1} (your own)"
-                found = policy.check_cell(cell.source, label, structure=structure)
+                found = policy.check_cell(cell.source, label, structure=structure, own_modules=own_modules)
                 # library normalization counts in the graded answers only, not in scratch cells
                 found = [f for f in found if f.kind != "structure" or role == "solution"]
                 flags += found
@@ -144,8 +145,10 @@ def _grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
                     text = base64.b64decode(data).decode("utf-8", errors="replace")
                 except ValueError:
                     continue
-                found = [f for f in policy.check_cell(text, f"{path} (your file)", structure=structure)
-                         if f.kind == "machinery"]
+                # a module of the submission's own: reaching the runtime or naming a library normalization
+                # there concerns every structural test (its functions may serve any answer)
+                found = [f for f in policy.check_cell(text, f"{path} (your file)", structure=structure,
+                                                      own_modules=own_modules) if f.kind != "syntax"]
                 flags += found
                 for t in structural:
                     concerns.setdefault(t, []).extend(found)
