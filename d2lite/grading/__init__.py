@@ -27,7 +27,9 @@ In the sandbox, each notebook is two forks of a warm server, as two users:
 Arguments go to the oracle pickled (the checker is the trusted side); answers come back as JSON
 read by a strict decoder with caps on size, depth and element count, so a malformed, oversized or
 too-deep answer fails the check that asked for it, with the reason. A handle's equality is
-identity and its truthiness is True: "equal to the expected value" is never the oracle's word.
+identity, its truthiness is True and it has no arithmetic; the values of a tensor that carries a
+graph there are computed here (only the graph, for a later backward, stays there): "equal to the
+expected value", or "its difference from it is 0", is never the oracle's word.
 Objects the checker sent come back as the checker's own objects; what the student's code did to
 them in place (a module's parameters, mode and attributes; a tensor's values, requires_grad and
 grad) is applied to the checker's copy, as if one process had run both. The checker's random
@@ -53,9 +55,14 @@ What remains reported by the student's process (and why it is acceptable, or wha
   own C fields (a subclass's lying properties do not count), and 00's test_no_graph also measures,
   from outside the process, the memory 20 chained steps keep (``d2lite.checks.retained_memory``
   reads /proc/<oracle>/status in the checker): a kept graph grows it whatever the flags say.
+- What the student's own objects do when a test calls their methods (a layer of theirs, called on
+  the test's input): behaviour too; tests judge the checker's objects where they can (05's
+  ``recover_identity`` must return the very layer it was given, which then runs here).
 - "Does the work itself": the structural tests run the function with library normalization
-  unavailable at the ATen dispatcher (every thread, every alias, d2lite's own batch_norm by its
-  code object, autograd at its engine where a test forbids it) and judge the values that run gives.
+  unavailable at the ATen dispatcher (every thread, every alias, every normalization kernel since
+  any can stand in for another, d2lite's own batch_norm by its code object, autograd at its engine
+  where a test forbids it) and judge the values that run gives, before the function has seen
+  those inputs (a memo cannot replay the library).
   The block lives in the student's process: code that reaches the runtime to undo it is what the
   source policy flags, and such a finding costs exactly those structural tests.
 """
