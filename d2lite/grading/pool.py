@@ -139,8 +139,9 @@ class DaskWorkers:
         pass  # each Dask worker thread starts its own on its first task, and keeps it between runs
 
     def share(self, value):
-        # in a list: a dict given to scatter itself would be read as {key: data}
-        return self.client.scatter([value], broadcast=True, hash=False)[0]
+        # each task carries its notebook's context itself (tens of KiB): a task that depended on data
+        # scattered to the workers could be cancelled when a worker holding it died ("already forgotten")
+        return value
 
     def submit(self, fn, *args):
         return self.client.submit(fn, *args, pure=False)

@@ -218,6 +218,13 @@ def _check_reference(notebook: str, result: dict, path: Path, key: str) -> None:
     os.replace(tmp, path)
 
 
+def _lost(error: BaseException) -> bool:
+    """Whether a cluster lost the task (not the grading of it): a worker died with it, or the
+    scheduler cancelled or forgot it."""
+    return type(error).__name__ in ("CancelledError", "FutureCancelledError", "KilledWorker", "CommClosedError",
+                                    "FutureLost")
+
+
 def _default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -321,36 +328,44 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
         failures = 0
         stamps: dict[str, str | None] = {}  # student -> the timestamp copy_files found
         book = ledger.Ledger(ledger_path)
+        tries: dict[tuple[str, str], int] = {}
         try:
-            for future in runner.as_completed(list(futures)):
-                task, key = futures.pop(future)
-                student, name = task["student"], task["notebook"]
-                try:
-                    result = future.result()
-                except (SystemExit, KeyboardInterrupt):
-                    raise
-                except Exception as error:  # noqa: BLE001 — one notebook's failure never stops the batch
-                    result = _unreached(task, local[name], f"internal error, graded 0: {type(error).__name__}: {error}")
-                row = Row(**result["row"])
-                try:
-                    nb = nbformat.reads(result["autograded"], as_version=4)
-                    autograded = course.autograded(student, assignment)
-                    if student not in stamps:  # a submission's other files: once, not per notebook
-                        stamps[student] = gradebook.copy_files(
-                            course.submitted(student, assignment), autograded, course.source(assignment),
-                            list(course.dir.ignore))
-                    gradebook.save(course.db_url, assignment, student, name, nb, autograded, stamps[student])
-                except Exception as error:  # noqa: BLE001
-                    row.reasons.append(f"and the gradebook could not be written: {type(error).__name__}: {error}")
-                else:
-                    if not result.get("failed"):  # an internal error is tried again next run
-                        book.add(student, name, key, row)
-                rows[(student, name)] = row
-                failures += row.score < row.max_score
-                bar.update()
-                bar.set_postfix_str(f"{failures} lost points", refresh=False)
-                write(f"{student}/{name}: {row.score:g}/{row.max_score:g} in {row.seconds:.1f} s"
-                      + (f" — {row.reason[:200]}" if row.reasons else ""))
+            while futures:
+                round_, futures = futures, {}
+                for future in runner.as_completed(list(round_)):
+                    task, key = round_.pop(future)
+                    student, name = task["student"], task["notebook"]
+                    try:
+                        result = future.result()
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except Exception as error:  # noqa: BLE001 — one notebook's failure never stops the batch
+                        if _lost(error) and tries.get((student, name), 0) < 3:
+                            # a cluster lost the task (a worker died with it): it runs again, once more at most 3 times
+                            tries[(student, name)] = tries.get((student, name), 0) + 1
+                            futures[runner.submit(grade_task, task, contexts[name], limits)] = (task, key)
+                            continue
+                        result = _unreached(task, local[name], f"internal error, graded 0: {type(error).__name__}: {error}")
+                    row = Row(**result["row"])
+                    try:
+                        nb = nbformat.reads(result["autograded"], as_version=4)
+                        autograded = course.autograded(student, assignment)
+                        if student not in stamps:  # a submission's other files: once, not per notebook
+                            stamps[student] = gradebook.copy_files(
+                                course.submitted(student, assignment), autograded, course.source(assignment),
+                                list(course.dir.ignore))
+                        gradebook.save(course.db_url, assignment, student, name, nb, autograded, stamps[student])
+                    except Exception as error:  # noqa: BLE001
+                        row.reasons.append(f"and the gradebook could not be written: {type(error).__name__}: {error}")
+                    else:
+                        if not result.get("failed"):  # an internal error is tried again next run
+                            book.add(student, name, key, row)
+                    rows[(student, name)] = row
+                    failures += row.score < row.max_score
+                    bar.update()
+                    bar.set_postfix_str(f"{failures} lost points", refresh=False)
+                    write(f"{student}/{name}: {row.score:g}/{row.max_score:g} in {row.seconds:.1f} s"
+                          + (f" — {row.reason[:200]}" if row.reasons else ""))
         finally:
             book.close()
     except KeyboardInterrupt:
