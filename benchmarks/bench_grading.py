@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--students", type=int, default=20, help="the class graded with --workers 2 and on Dask")
     parser.add_argument("--serial-students", type=int, default=8, help="how many of them --workers 1 grades")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--no-dask", dest="dask", action="store_false", help="skip the Dask runs")
     parser.add_argument("--baseline", default=None, metavar="GIT_REF",
                         help="also grade the class with the grader of this commit, side by side")
     args = parser.parse_args(argv)
@@ -167,33 +168,36 @@ def main(argv=None) -> int:
                   [*grade, *serial_students, "--workers", "1", "--force", "--report", "reports/w1.csv"], root, env)
         w2 = _run(f"d2lite grade --workers 2, {len(students)} submissions",
                   [*grade, "--workers", "2", "--force", "--report", "reports/w2.csv"], root, env)
-        address, procs = _dask_cluster(env, Path(tmp))
-        try:
-            dask = _run(f"d2lite grade on Dask (2 workers), {len(students)} submissions",
-                        [*grade, "--scheduler", address, "--force", "--report", "reports/dask.csv"], root, env)
-            dask_again = _run("the same on the Dask cluster's warm workers",
-                              [*grade, "--scheduler", address, "--force", "--report", "reports/dask2.csv"], root, env)
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(timeout=60)
+        dask = dask_again = None
+        if args.dask:
+            address, procs = _dask_cluster(env, Path(tmp))
+            try:
+                dask = _run(f"d2lite grade on Dask (2 workers), {len(students)} submissions",
+                            [*grade, "--scheduler", address, "--force", "--report", "reports/dask.csv"], root, env)
+                dask_again = _run("the same on the Dask cluster's warm workers",
+                                  [*grade, "--scheduler", address, "--force", "--report", "reports/dask2.csv"], root, env)
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    proc.wait(timeout=60)
         w1_rows, w2_rows = _report(root / "reports/w1.csv"), _report(root / "reports/w2.csv")
-        dask_rows = _report(root / "reports/dask.csv")
-        same_scores = _scores(w2_rows) == _scores(dask_rows) == _scores(_report(root / "reports/dask2.csv")) and all(
-            _scores(w2_rows)[k] == v for k, v in _scores(w1_rows).items())
+        same_scores = all(_scores(w2_rows)[k] == v for k, v in _scores(w1_rows).items())
+        if args.dask:
+            same_scores = same_scores and _scores(w2_rows) == _scores(_report(root / "reports/dask.csv")) \
+                == _scores(_report(root / "reports/dask2.csv"))
         honest = {r["notebook"]: float(r["score"]) for r in w2_rows if r["student"] == students[0]}
         same_as_nbgrader = honest == nb_scores
         seconds = [float(r["seconds"]) for r in w2_rows]
         peak = max(float(r["peak_mib"]) for r in w2_rows)
         n_nb = len(nb_scores)
     load = os.getloadavg()[0]
-    per_w1, per_w2, per_dask = w1 / args.serial_students, w2 / len(students), dask / len(students)
+    per_w1, per_w2 = w1 / args.serial_students, w2 / len(students)
     lines = [
         "# Grading a class: nbgrader autograde vs d2lite grade, one run", "",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"load average at the end {load:.1f}; `.venv/bin/python benchmarks/bench_grading.py --students "
-        f"{args.students} --serial-students {args.serial_students}`", "",
+        f"load average at the end {load:.1f}; `.venv/bin/python benchmarks/bench_grading.py "
+        f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "",
         f"A synthetic class of {len(students)} complete submissions ({n_nb} notebooks each): the reference "
         "answers with a comment, one student in six for each of the five mistakes of tests/test_grading.py.", "",
         "| grader | submissions | wall seconds | seconds per submission | submissions per hour |",
@@ -203,18 +207,27 @@ def main(argv=None) -> int:
         f"| d2lite grade --workers 2, one submission | 1 | {warm_single:.1f} | {warm_single:.1f} | {3600 / warm_single:.0f} |",
         f"| d2lite grade --workers 1 | {args.serial_students} | {w1:.1f} | {per_w1:.1f} | {3600 / per_w1:.0f} |",
         f"| d2lite grade --workers 2 | {len(students)} | {w2:.1f} | {per_w2:.1f} | {3600 / per_w2:.0f} |",
-        f"| d2lite grade --scheduler (local Dask, 2 workers) | {len(students)} | {dask:.1f} | {per_dask:.1f} | {3600 / per_dask:.0f} |",
-        f"| the same, workers already warm | {len(students)} | {dask_again:.1f} | {dask_again / len(students):.1f} | "
-        f"{3600 * len(students) / dask_again:.0f} |",
+    ]
+    if args.dask:
+        per_dask = dask / len(students)
+        lines += [
+            f"| d2lite grade --scheduler (local Dask, 2 workers) | {len(students)} | {dask:.1f} | {per_dask:.1f} | "
+            f"{3600 / per_dask:.0f} |",
+            f"| the same, workers already warm | {len(students)} | {dask_again:.1f} | {dask_again / len(students):.1f} | "
+            f"{3600 * len(students) / dask_again:.0f} |"]
+    lines += [
         "",
         f"- `--workers 2` vs `--workers 1`: {per_w1 / per_w2:.2f}x the throughput; vs nbgrader autograde: "
         f"{nbgrader / per_w2:.1f}x faster per submission in a class, {nbgrader / warm_single:.1f}x for a single one.",
         f"- seconds per notebook (--workers 2): p50 {statistics.median(seconds):.1f}, p95 {_percentile(seconds, 0.95):.1f}; "
         f"peak memory of a sandbox {peak:.0f} MiB (the child's own pages; the warm server's are shared).",
-        f"- Dask adds {dask - w2:+.1f} s over the local run ({(dask - w2) / (len(students) * n_nb):+.2f} s a notebook), "
-        f"{dask_again - w2:+.1f} s once its workers are warm.",
-        f"- scores: identical across --workers 1, --workers 2 and Dask: {same_scores}; the honest submission's "
-        f"per-notebook scores equal nbgrader autograde's: {same_as_nbgrader}.",
+    ]
+    if args.dask:
+        lines += [f"- Dask adds {dask - w2:+.1f} s over the local run ({(dask - w2) / (len(students) * n_nb):+.2f} s a "
+                  f"notebook), {dask_again - w2:+.1f} s once its workers are warm."]
+    lines += [
+        f"- scores: identical across --workers 1, --workers 2{' and Dask' if args.dask else ''}: {same_scores}; the "
+        f"honest submission's per-notebook scores equal nbgrader autograde's: {same_as_nbgrader}.",
     ]
     if baseline is not None:
         ref, old_w2, old_seconds, old_scores = baseline

@@ -282,15 +282,23 @@ TWINS = {"reads_expected_value": READS_NOTHING, "library_via_torch_ops": None, "
          "builtins_patch": EPS_FORGOTTEN}
 
 
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory):
-    CASES.setdefault("twin_of_reads_expected_value", (lambda: _with(READS_NOTHING), None, ""))
+def _course(tmp_path_factory):
+    """A fresh course with the assignment generated (skips where the sandbox is unavailable)."""
     if MISSING:
         pytest.skip(f"sandbox unavailable: {MISSING}")
     root = tmp_path_factory.mktemp("course")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", nbgrader_env()["PATH"])
+        new_course(root, tmp_path_factory.mktemp("exchange"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    CASES.setdefault("twin_of_reads_expected_value", (lambda: _with(READS_NOTHING), None, ""))
+    root = _course(tmp_path_factory)
     mp = pytest.MonkeyPatch()
     mp.setenv("PATH", nbgrader_env()["PATH"])
-    new_course(root, tmp_path_factory.mktemp("exchange"))
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(5)
@@ -509,13 +517,7 @@ def test_autograded_gets_the_submissions_other_files_as_nbgrader_autograde_does(
 @pytest.fixture(scope="module")
 def other_notebooks(tmp_path_factory):
     """Attacks on the other notebooks, each graded beside its honest twin in one batch."""
-    if MISSING:
-        pytest.skip(f"sandbox unavailable: {MISSING}")
-    root = tmp_path_factory.mktemp("course")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PATH", nbgrader_env()["PATH"])
-    new_course(root, tmp_path_factory.mktemp("exchange"))
-    mp.undo()
+    root = _course(tmp_path_factory)
     for name, students in OTHER_NOTEBOOKS.items():
         for student, (grade_id, source) in students.items():
             folder = root / "submitted" / student / ASSIGNMENT
