@@ -582,7 +582,7 @@ class Client:
         for key, value in attrs.items():
             # plain values (momentum, eps, ...) only: a handle set as an attribute (forward!) would make
             # the checker's own layer run the student's code
-            if isinstance(key, str) and not key.startswith("_") and key != "training" and _plain(value) \
+            if isinstance(key, str) and not key.startswith("_") and key != "training" and transport.is_plain(value) \
                     and key not in module._parameters and key not in module._buffers and key not in module._modules \
                     and not callable(getattr(type(module), key, None)):
                 object.__setattr__(module, key, value)
@@ -608,12 +608,6 @@ class Client:
             else:
                 raise RuntimeError(f"your code replaced the layer {key!r} of a network the test passed to it by an "
                                    "object of its own: return a new network instead of changing the one given")
-
-
-def _plain(value, depth: int = 0) -> bool:
-    if value is None or type(value) in (bool, int, float, str):
-        return True
-    return type(value) in (tuple, list) and depth < 3 and len(value) < 64 and all(_plain(v, depth + 1) for v in value)
 
 
 def _importable(fn) -> bool:

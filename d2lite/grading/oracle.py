@@ -142,10 +142,6 @@ class _Block:
 
         self.lib, self.code, self.attrs = None, [], []
 
-        def refuse(*args, **kwargs):
-            raise RuntimeError("library normalization is unavailable in this check: compute it yourself with "
-                               "tensor operations (mean, var, sqrt, ...)")
-
         ops = [op for family in self.families for op in self.OPS.get(family, ())]
         if ops:
             self.lib = torch.library.Library("aten", "IMPL")
@@ -153,7 +149,7 @@ class _Block:
                 warnings.simplefilter("ignore")
                 for op in ops:
                     try:
-                        self.lib.impl(op, refuse, "CPU")
+                        self.lib.impl(op, _refused, "CPU")
                     except (RuntimeError, ValueError):
                         pass  # an op this torch does not have
         if "batch_norm" in self.families:
@@ -500,19 +496,9 @@ def _snapshot(t) -> tuple:
     return (t._version, id(t), bool(t.requires_grad), None if g is None else (id(g), g._version))
 
 
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _plain(v, depth=0) -> bool:
-    if isinstance(v, _PLAIN):
-        return True
-    if type(v) in (tuple, list) and depth < 3 and len(v) < 64:
-        return all(_plain(x, depth + 1) for x in v)
-    return False
-
-
 def _module_state(module) -> dict:
-    attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and _plain(v)}
+    attrs = {k: v for k, v in vars(module).items()
+             if not k.startswith("_") and k != "training" and transport.is_plain(v)}
     return {"training": module.training, "attrs": attrs,
             "tensors": {k: id(v) for k, v in list(module._parameters.items()) + list(module._buffers.items())},
             "children": {k: id(v) for k, v in module._modules.items()}}

@@ -57,7 +57,11 @@ def run_unsandboxed(job: dict, cwd: str, env: dict | None = None, timeout: float
     try:
         checker.wait(timeout)
     finally:
-        oracle.kill() if oracle.poll() is None and checker.poll() is not None and _sleep(oracle) else None
+        if checker.poll() is not None:  # the checker said goodbye: the oracle exits on its own, or is killed
+            try:
+                oracle.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
         for proc in (checker, oracle):
             if proc.poll() is None:
                 proc.kill()
@@ -66,10 +70,3 @@ def run_unsandboxed(job: dict, cwd: str, env: dict | None = None, timeout: float
         t.join(5)
     return b"".join(chunks), out.get("checker", b"") + out.get("oracle", b"")
 
-
-def _sleep(proc, seconds: float = 5) -> bool:
-    try:
-        proc.wait(seconds)
-        return False
-    except subprocess.TimeoutExpired:
-        return True

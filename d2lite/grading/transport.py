@@ -309,6 +309,14 @@ def _tensor_from_spec(spec: dict, torch) -> Any:
     return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(spec["shape"]).clone()
 
 
+def is_plain(value, depth: int = 0) -> bool:
+    """A module attribute that may travel back as a plain value (momentum, eps, a shape): None, bool,
+    int, float, str, and small tuples/lists of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return type(value) in (tuple, list) and depth < 3 and len(value) < 64 and all(is_plain(v, depth + 1) for v in value)
+
+
 def modules_in(objects: Any, limit: int = 20_000, skip: frozenset = frozenset()) -> list:
     """Every nn.Module in ``objects`` (lists, tuples and dict values, at any depth), each once, in one
     fixed order; the checker and the student's process walk the same objects the same way, so the
