@@ -78,15 +78,20 @@ class BatchNorm(nn.Module):
             self.num_batches_tracked.add_(1)
             momentum = (1.0 / self.num_batches_tracked.item() if self.momentum is None
                         else self.momentum)
-        Y, mean, var = batch_norm(X, self.gamma, self.beta,
-                                  self.moving_mean if (update or not use_batch_stats) else None,
-                                  self.moving_var if (update or not use_batch_stats) else None,
-                                  eps=self.eps, momentum=momentum, training=use_batch_stats)
+        Y, mean, var = self._normalize(X, self.gamma, self.beta,
+                                       self.moving_mean if (update or not use_batch_stats) else None,
+                                       self.moving_var if (update or not use_batch_stats) else None,
+                                       eps=self.eps, momentum=momentum, training=use_batch_stats)
         if update:
             with torch.no_grad():
                 self.moving_mean.copy_(mean)
                 self.moving_var.copy_(var)
         return Y
+
+    def _normalize(self, X, gamma, beta, moving_mean, moving_var, *, eps, momentum, training):
+        """The function that normalizes (``d2lite.batch_norm``; SyncBatchNorm's synchronizes)."""
+        return batch_norm(X, gamma, beta, moving_mean, moving_var, eps=eps, momentum=momentum,
+                          training=training)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "

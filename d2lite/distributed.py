@@ -1,0 +1,216 @@
+"""Several processes on one machine: a launcher for torch.distributed (gloo over 127.0.0.1), and
+data-parallel training (DDP) of the chapter's networks, with batch norm local or synchronized."""
+from __future__ import annotations
+
+import copy
+import io
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import wait
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .syncbn import convert_sync_batchnorm
+from .train import EpochStats, History, init_xavier, train
+
+__all__ = ["launch", "DistributedError", "Shard", "train_distributed"]
+
+
+class DistributedError(RuntimeError):
+    """A process started by :func:`launch` failed, died or did not finish in time."""
+
+
+def launch(fn: Callable[..., Any], processes: int = 2, args: tuple = (), *, backend: str = "gloo",
+           timeout: float = 300.0, threads: int | None = None) -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``processes`` new processes joined in one
+    ``torch.distributed`` process group, and return what each returned, in rank order.
+
+    The processes are forked, so ``fn`` may be a function defined in a notebook; they meet through
+    a store on 127.0.0.1 at a port the system picks (no port to choose, none that can be taken
+    meanwhile), and gloo talks over the loopback interface only. Results come back by value
+    (``torch.save``): tensors, numbers, dicts, modules' ``state_dict()``s.
+
+    backend: ``"gloo"`` (CPU; the default) or ``"nccl"`` (one GPU a process; not on a fork).
+    timeout: seconds the whole run may take; after that every process is killed and
+        :class:`DistributedError` raised (a collective one rank never joins would wait forever).
+    threads: intra-op threads per process (default: the cores shared out, at least 1).
+
+    Raises :class:`DistributedError` with the failing rank's traceback if any process raises or
+    dies; the others are then killed, so nothing is left waiting on a collective.
+    """
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be a positive int, got {processes!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable as fn(rank, world_size, *args), got {fn!r}")
+    if not dist.is_available():
+        raise DistributedError("this PyTorch build has no torch.distributed")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise DistributedError("launch forks its processes, and this platform cannot fork "
+                               "(on Windows, run the notebook in WSL2 or a Linux container)")
+    threads = threads or max(1, (os.cpu_count() or 1) // processes)
+    store = dist.TCPStore("127.0.0.1", 0, processes + 1, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout))
+    context = multiprocessing.get_context("fork")
+    children, pipes = [], []
+    try:
+        for rank in range(processes):
+            receive, send = context.Pipe(duplex=False)
+            child = context.Process(target=_run_rank, daemon=True, name=f"d2lite-rank-{rank}",
+                                    args=(fn, rank, processes, args, store.port, send, backend,
+                                          threads, timeout))
+            child.start()
+            send.close()
+            children.append(child)
+            pipes.append(receive)
+        return _collect(children, pipes, time.monotonic() + timeout)
+    finally:
+        for child in children:
+            if child.is_alive():
+                os.kill(child.pid, signal.SIGKILL)
+            child.join()
+        for pipe in pipes:
+            pipe.close()
+        del store
+
+
+def _collect(children, pipes, deadline: float) -> list:
+    results: list = [None] * len(children)
+    pending = dict(enumerate(pipes))
+    while pending:
+        ready = wait(list(pending.values()), timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise DistributedError(f"ranks {sorted(pending)} did not finish in time (a collective "
+                                   "that not every rank joined waits forever)")
+        for rank, pipe in list(pending.items()):
+            if pipe not in ready:
+                continue
+            del pending[rank]
+            try:
+                message = pipe.recv_bytes()
+            except EOFError:
+                children[rank].join(1)
+                raise DistributedError(f"rank {rank} died (exit code {children[rank].exitcode}) "
+                                       "before returning") from None
+            if message[:2] != b"ok":
+                raise DistributedError(f"rank {rank} failed:\n{message[2:].decode(errors='replace')}")
+            results[rank] = torch.load(io.BytesIO(message[2:]), weights_only=False)
+    return results
+
+
+def _run_rank(fn, rank, world, args, port, pipe, backend, threads, timeout) -> None:
+    """The body of a forked process: join the group, run ``fn``, send its result, exit."""
+    try:
+        if sys.platform.startswith("linux"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        torch.set_num_threads(threads)
+        store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False,
+                              timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout))
+        result = fn(rank, world, *args)
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        message = b"ok" + buffer.getvalue()
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        message = b"er" + traceback.format_exc().encode()
+    try:
+        pipe.send_bytes(message)
+        pipe.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        os._exit(0)  # no atexit handlers of the parent's (pytest's, IPython's) in a forked child
+
+
+class Shard:
+    """This rank's part of every batch of ``loader``: batch k of the loader split in ``world``
+    contiguous slices (``tensor_split``), slice ``rank`` of each. Every rank iterates the same
+    global batches in the same order (same loader, same seed), so the union of the ranks' slices is
+    exactly the batch one process would train on."""
+
+    def __init__(self, loader: Iterable, rank: int, world: int) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for X, y in self.loader:
+            yield X.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+
+
+def train_distributed(net: nn.Module, train_iter: Iterable, test_iter: Iterable, num_epochs: int,
+                      lr: float, *, processes: int = 2, sync_bn: bool = True, name: str = "",
+                      timeout: float = 3600.0, verbose: bool = True, **train_kwargs) -> History:
+    """Data-parallel training of ``net`` on ``processes`` CPU processes (DDP over gloo), with each
+    global batch of ``train_iter`` split between them: what :func:`d2lite.train` does in one.
+
+    sync_bn: True converts every batch norm to :class:`d2lite.SyncBatchNorm` (statistics of the
+        whole global batch, as in one process); False leaves each process its own statistics
+        (DDP then copies rank 0's running statistics to the others at every forward pass).
+    train_kwargs: passed to :func:`d2lite.train` (optimizer, scheduler, loss, ...); ``init`` is
+        applied here, once, before the processes start, so that they all start from the same
+        weights.
+
+    ``net`` ends with the trained weights and running statistics (those of rank 0, equal on every
+    rank). Returns the :class:`History` of the run: losses, accuracies and examples counted over
+    all processes; the test set is split between them too.
+    """
+    init = train_kwargs.pop("init", init_xavier)
+    for key in ("animate", "progress", "device", "callbacks"):
+        if key in train_kwargs:
+            raise TypeError(f"train_distributed does not take {key!r} (the processes train on the "
+                            "CPU, without a live plot)")
+    if init is not None:
+        net.apply(init)
+    model = convert_sync_batchnorm(copy.deepcopy(net)) if sync_bn else net
+    history, state = launch(_train_rank, processes,
+                            (model, train_iter, test_iter, num_epochs, lr, name, train_kwargs),
+                            timeout=timeout)[0]
+    net.load_state_dict(state)
+    if verbose:
+        print(f"{history.summary()} ({processes} processes, "
+              f"{'synchronized' if sync_bn else 'local'} batch norm)")
+    return history
+
+
+def _train_rank(rank, world, model, train_iter, test_iter, num_epochs, lr, name, train_kwargs):
+    ddp = nn.parallel.DistributedDataParallel(model)
+    history = train(ddp, Shard(train_iter, rank, world), Shard(test_iter, rank, world), num_epochs,
+                    lr, device="cpu", init=None, name=name, animate=False, progress=False,
+                    verbose=False, callbacks=[_GlobalEpoch(test_iter, rank, world)], **train_kwargs)
+    return (history, model.state_dict()) if rank == 0 else None
+
+
+class _GlobalEpoch:
+    """A :func:`d2lite.train` callback (on every rank) that turns the epoch's per-rank figures into
+    the whole batch's: losses and accuracies weighted by the examples each rank saw."""
+
+    def __init__(self, test_iter, rank: int, world: int) -> None:
+        self.test_examples = sum(len(y.tensor_split(world)[rank]) for _, y in test_iter)
+
+    def __call__(self, history: History) -> None:
+        e = history.epochs[-1]
+        n = float(e.num_examples)
+        totals = torch.tensor([e.train_loss * n, e.train_acc * n, n,
+                               e.test_acc * self.test_examples, float(self.test_examples)],
+                              dtype=torch.float64)
+        dist.all_reduce(totals)
+        slowest = torch.tensor([e.train_seconds], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        loss, correct, seen, test_correct, test_seen = totals.tolist()
+        history.epochs[-1] = EpochStats(
+            epoch=e.epoch, train_loss=loss / seen, train_acc=correct / seen,
+            test_acc=test_correct / test_seen, lr=e.lr, seconds=e.seconds, num_examples=int(seen),
+            train_seconds=slowest.item(),
+            examples_per_sec=seen / slowest.item() if slowest.item() else 0.0)

@@ -1,0 +1,91 @@
+"""d2lite.distributed: data-parallel training of LeNet-BN on 2 CPU processes against one process
+at the same global batch, on the real Fashion-MNIST."""
+import copy
+
+import pytest
+import torch
+
+import d2lite
+from d2lite.distributed import Shard, train_distributed
+
+
+def _data(batch_size, subset, test_subset=512):
+    return d2lite.load_fashion_mnist(batch_size, subset=subset, test_subset=test_subset, seed=3)
+
+
+def _init_xavier():
+    from d2lite.train import init_xavier
+    return init_xavier
+
+
+def _stats(net):
+    return {k: v for k, v in net.state_dict().items() if "moving" in k}
+
+
+def test_shards_are_the_batch_split_in_rank_order():
+    train_iter, _ = _data(10, 25)
+    shards = []
+    for r in range(3):  # each rank's process holds a copy of the loader at the same epoch
+        train_iter.epoch = 0
+        shards.append(list(Shard(train_iter, r, 3)))
+    train_iter.epoch = 0
+    for k, (X, y) in enumerate(train_iter):
+        assert torch.equal(torch.cat([s[k][0] for s in shards]), X)
+        assert torch.equal(torch.cat([s[k][1] for s in shards]), y)
+    assert [len(s[-1][1]) for s in shards] == [2, 2, 1]  # the last batch (5 examples)
+    with pytest.raises(ValueError, match="rank must be in"):
+        Shard(train_iter, 3, 3)
+
+
+def test_one_step_with_sync_batch_norm_equals_one_process():
+    """One global batch of 256: two processes of 128 with synchronized batch norm update the running
+    statistics (computed in float32 from the same weights) and, through DDP's averaged gradients,
+    the weights as one process of 256 does, to float32 rounding."""
+    torch.manual_seed(0)
+    net = d2lite.lenet(norm="d2lite")
+    net.apply(_init_xavier())
+    single = copy.deepcopy(net)
+    train_iter, test_iter = _data(256, 256)
+    d2lite.train(single, train_iter, test_iter, 1, 1.0, device="cpu", init=None, animate=False,
+                 verbose=False)
+    train_iter.epoch = 0
+    local = copy.deepcopy(net)
+    history = train_distributed(net, train_iter, test_iter, 1, 1.0, processes=2, init=None,
+                                verbose=False)
+    for name, value in _stats(single).items():
+        torch.testing.assert_close(_stats(net)[name], value, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[name], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    assert history.epochs[0].num_examples == 256 and len(history) == 1
+
+    # each process with its own statistics: the running statistics are rank 0's half-batch's
+    train_iter.epoch = 0
+    train_distributed(local, train_iter, test_iter, 1, 1.0, processes=2, sync_bn=False, init=None,
+                      verbose=False)
+    differences = [(_stats(local)[k] - v).abs().max().item() for k, v in _stats(single).items()]
+    assert max(differences) > 1e-3, differences
+
+
+def test_two_processes_with_sync_batch_norm_learn_what_one_process_learns():
+    torch.manual_seed(0)
+    net = d2lite.lenet(norm="d2lite")
+    net.apply(_init_xavier())
+    single = copy.deepcopy(net)
+    train_iter, test_iter = _data(128, 2048, 1000)
+    one = d2lite.train(single, train_iter, test_iter, 2, 1.0, device="cpu", init=None,
+                       animate=False, verbose=False)
+    train_iter.epoch = 0
+    two = train_distributed(net, train_iter, test_iter, 2, 1.0, processes=2, init=None, verbose=False)
+    assert [e.num_examples for e in two.epochs] == [2048, 2048]
+    assert one.final.test_acc > 0.5
+    assert abs(two.final.test_acc - one.final.test_acc) < 0.02, (one.test_acc, two.test_acc)
+    assert abs(two.final.train_loss - one.final.train_loss) < 0.02, (one.train_loss, two.train_loss)
+    assert d2lite.evaluate_accuracy(net, test_iter) == pytest.approx(two.final.test_acc, abs=1e-9)
+
+
+def test_train_distributed_refuses_what_it_cannot_do():
+    train_iter, test_iter = _data(64, 64)
+    with pytest.raises(TypeError, match="does not take 'animate'"):
+        train_distributed(d2lite.lenet(), train_iter, test_iter, 1, 0.1, animate=True)
