@@ -780,6 +780,7 @@ def run_test(source: str, grade_id: str, hidden: list, ns: Namespace, client: Cl
 
 
 def run(job: dict, client: Client, emit) -> None:
+    _delegate_ranks(client)
     ns = Namespace(client, job.get("answers", []))
     try:
         client.request("files", files=job.get("files", {}))
@@ -817,6 +818,27 @@ def run(job: dict, client: Client, emit) -> None:
             end["stdout"] = verdict.get("stdout", "")[:MAX_CELL_OUTPUT]
         emit(end)
     emit({"t": "done"})
+
+
+def _delegate_ranks(client: Client) -> None:
+    """d2lite's functions that run code on several processes (``d2lite.map_ranks`` …) run the
+    student's functions there: in the checker they become calls of the student's process's own
+    (whatever they return comes back by value, to be judged here). This checker serves one
+    notebook, so its copy of d2lite is changed for that notebook alone."""
+    import d2lite
+    import d2lite.distributed
+
+    def delegate(name):
+        def run_in_student_process(*args, **kwargs):
+            return client.request("library", name=name)(*args, **kwargs)
+        run_in_student_process.__name__ = name
+        return run_in_student_process
+
+    for name in d2lite.distributed.STUDENT_SIDE:
+        proxy = delegate(name)
+        setattr(d2lite.distributed, name, proxy)
+        if hasattr(d2lite, name):
+            setattr(d2lite, name, proxy)
 
 
 def _student_error(error) -> dict:

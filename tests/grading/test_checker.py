@@ -132,3 +132,50 @@ def test_a_hidden_failure_shows_neither_its_code_nor_the_students_text(ends):
 def test_a_handle_cannot_pass_for_a_tensor(ends):
     assert ends["fake_tensor"]["ok"] is False  # as_tensor refuses it; the checker does not crash
     assert ends["after_the_forgery"]  # and the checker went on to the next cells
+
+
+RANKS_STUDENT = '''
+import torch.distributed as dist
+
+def global_mean(X):
+    total = torch.stack([torch.tensor(float(len(X)), dtype=X.dtype), X.sum()])
+    dist.all_reduce(total)
+    return total[1] / total[0]
+
+def local_mean(X):
+    return X.mean()
+
+def by_library(X):
+    return F.batch_norm(X, None, None, training=True)
+'''
+RANKS_TESTS = {
+    "ranks_values": ("X = torch.randn(10, dtype=torch.float64)\nexpected = X.mean()\n"
+                     "got = d2lite.map_ranks(global_mean, X.split([3, 7]))\n"
+                     "assert all(abs(g - expected) < 1e-12 for g in got), (got, expected)"),
+    "ranks_local": ("X = torch.randn(10, dtype=torch.float64) + torch.arange(10)\nexpected = X.mean()\n"
+                    "got = d2lite.map_ranks(local_mean, X.split([3, 7]))\n"
+                    "assert all(abs(g - expected) < 1e-12 for g in got), (got, expected)"),
+    "ranks_blocked": ("with d2lite.forbid_calls():\n"
+                      "    d2lite.map_ranks(by_library, torch.randn(8, 3).split([4, 4]))"),
+    "ranks_grads": ("X = torch.randn(6, 3, dtype=torch.float64)\n"
+                    "out = d2lite.grad_on_ranks(by_library, X.split([3, 3]), torch.ones(6, 3).split([3, 3]))\n"
+                    "assert len(out) == 2 and out[0][1].shape == (3, 3)"),
+}
+
+
+def test_functions_on_several_processes_run_in_the_students_process_and_are_judged_here(tmp_path):
+    cells = [{"index": 0, "role": "both", "source": SETUP},
+             {"index": 1, "role": "student", "source": RANKS_STUDENT}]
+    for i, (name, source) in enumerate(RANKS_TESTS.items(), start=2):
+        cells.append({"index": i, "role": "test", "source": source, "grade_id": name, "hidden": []})
+    job = {"cells": cells, "answers": ["global_mean", "local_mean", "by_library"], "files": {}, "wall": 120}
+    records, output = pair.run_unsandboxed(job, str(tmp_path))
+    ends = {}
+    for line in records.decode().splitlines():
+        record = json.loads(line)
+        if record["t"] == "cell_end" and record.get("role") == "test":
+            ends[list(RANKS_TESTS)[record["index"] - 2]] = record
+    assert {name: end["ok"] for name, end in ends.items()} == {
+        "ranks_values": True, "ranks_local": False, "ranks_blocked": False, "ranks_grads": True}, \
+        (ends, output.decode()[-3000:])
+    assert "library normalization" in ends["ranks_blocked"]["message"]
