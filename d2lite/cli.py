@@ -1,5 +1,6 @@
-"""The ``d2lite`` command: ``d2lite compare`` trains LeNet with and without batch norm;
-``d2lite grade`` grades an nbgrader assignment's submissions in sandboxes."""
+"""The ``d2lite`` command: ``d2lite compare`` trains LeNet with and without batch norm (in one
+process, or data-parallel on CPU processes); ``d2lite grade`` grades an nbgrader assignment's
+submissions in sandboxes."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,8 @@ NETWORKS: dict[str, tuple[Callable[[], nn.Module], float]] = {
     "lenet_dropout": (lambda: lenet(dropout=0.5), 0.9),
 }
 Setting = namedtuple("Setting", ["lr", "batch_size"])
+# with --processes N > 1: also the process count and whose statistics batch norm uses
+DistributedSetting = namedtuple("DistributedSetting", ["lr", "batch_size", "processes", "batch_norm"])
 
 
 def _learning_rates(specs: list[str], networks: list[str]) -> dict[str, float]:
@@ -50,28 +53,83 @@ def compare(args: argparse.Namespace) -> Results:
     if unknown or not networks:
         raise SystemExit(f"--nets: unknown {unknown}; choose from {', '.join(NETWORKS)}")
     rates = _learning_rates(args.lr, networks)
-    device = torch.device(args.device) if args.device else try_gpu()
+    processes = args.processes
+    _check_processes(args)
+    if processes > 1:
+        device = torch.device("cpu")
+        results = Results(params=DistributedSetting._fields)
+        bn = "local" if args.local_bn else "sync"
+    else:
+        device = torch.device(args.device) if args.device else try_gpu()
+        results = Results(params=Setting._fields)
     train_iter, test_iter = load_fashion_mnist(args.batch_size, subset=args.subset,
                                                test_subset=args.test_subset, seed=args.seed,
                                                device=device)
-    results = Results(params=Setting._fields)
+    if processes > 1:
+        _check_last_batch(args, train_iter.num_examples)
     out = Path(args.out)
     for name in networks:
-        print(f"== {name}: lr {rates[name]}, batch size {args.batch_size}, {args.epochs} epochs "
-              f"on {device}")
         torch.manual_seed(args.seed)
-        history = train(NETWORKS[name][0](), train_iter, test_iter, args.epochs, rates[name],
-                        device, name=name, animate=False, progress=args.progress)
-        results.add(history, network=name, run=Setting(rates[name], args.batch_size))
+        if processes == 1:
+            print(f"== {name}: lr {rates[name]}, batch size {args.batch_size}, {args.epochs} epochs "
+                  f"on {device}")
+            history = train(NETWORKS[name][0](), train_iter, test_iter, args.epochs, rates[name],
+                            device, name=name, animate=False, progress=args.progress)
+            results.add(history, network=name, run=Setting(rates[name], args.batch_size))
+            continue
+        print(f"== {name}: lr {rates[name]}, batch size {args.batch_size} "
+              f"({args.batch_size / processes:g} a process), {args.epochs} epochs on {processes} "
+              f"CPU processes, {'local' if args.local_bn else 'synchronized'} batch norm")
+        from .distributed import DistributedError, train_distributed
+        try:
+            history = train_distributed(NETWORKS[name][0](), train_iter, test_iter, args.epochs,
+                                        rates[name], processes=processes,
+                                        sync_bn=not args.local_bn, name=name)
+        except DistributedError as error:
+            raise SystemExit(f"d2lite compare: {name} on {processes} processes failed: {error}") from None
+        results.add(history, network=name,
+                    run=DistributedSetting(rates[name], args.batch_size, processes, bn))
     print()
     print(results.format())
     csv_path = results.to_csv(out / "compare.csv")
     from .plot import plot_histories
     png_path = out / "compare.png"
-    plot_histories(results.histories, path=png_path,
-                   title=f"Fashion-MNIST, batch size {args.batch_size}")
+    title = f"Fashion-MNIST, batch size {args.batch_size}"
+    if processes > 1:
+        title += f" on {processes} processes, {'local' if args.local_bn else 'sync'} BN"
+    plot_histories(results.histories, path=png_path, title=title)
     print(f"\nwrote {csv_path} and {png_path}")
     return results
+
+
+def _check_processes(args: argparse.Namespace) -> None:
+    """--processes/--local-bn against the other options: SystemExit with the reason."""
+    if args.local_bn and args.processes == 1:
+        raise SystemExit("--local-bn needs --processes 2 or more (one process always normalizes "
+                         "with the statistics of the whole batch)")
+    if args.processes == 1:
+        return
+    if args.device and torch.device(args.device).type != "cpu":
+        raise SystemExit(f"--processes {args.processes} trains on CPU processes (gloo); "
+                         f"--device {args.device} is for one process")
+    least = _least_per_process(args)
+    if args.batch_size < least * args.processes:
+        raise SystemExit(f"--batch-size {args.batch_size} is split over --processes "
+                         f"{args.processes}: each process needs at least {least} example(s) of every "
+                         f"batch (batch size >= {least * args.processes})")
+
+
+def _least_per_process(args: argparse.Namespace) -> int:
+    # local batch norm needs 2 values per channel (the (N, 120) layer); synchronized, 1 a process
+    return 2 if args.local_bn else 1
+
+
+def _check_last_batch(args: argparse.Namespace, examples: int) -> None:
+    last, least = examples % args.batch_size, _least_per_process(args)
+    if 0 < last < least * args.processes:
+        raise SystemExit(f"the last batch of an epoch has {last} of the {examples} training "
+                         f"examples, too few to split over --processes {args.processes} (at least "
+                         f"{least} a process): choose another --subset or --batch-size")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--out", default="results", help="directory for compare.csv and compare.png")
     cmp.add_argument("--no-progress", dest="progress", action="store_false",
                      help="hide the progress bar")
+    cmp.add_argument("--processes", type=_positive_int, default=1,
+                     help="train each network data-parallel (DDP over gloo) on this many CPU "
+                          "processes, each its slice of every batch of --batch-size (default 1: "
+                          "one process, on --device; no progress bar with more)")
+    cmp.add_argument("--local-bn", action="store_true",
+                     help="with --processes > 1: each process normalizes with its own slice's "
+                          "statistics (default: batch norm synchronized over the processes)")
     grd = commands.add_parser(
         "grade", help="grade submissions of an nbgrader assignment, safely",
         formatter_class=argparse.RawDescriptionHelpFormatter,

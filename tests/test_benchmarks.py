@@ -43,3 +43,17 @@ def test_profile_step_times_every_layer_of_both_networks(tmp_path):
         assert all(t >= 0 for t in r["forward_ms"] + r["backward_ms"])
         assert r["forward_ms"][0] > 0 and r["backward_ms"][0] > 0  # conv1
     assert "conv1" in (tmp_path / "step_profile.md").read_text()
+
+
+def test_bench_sync_batch_norm_times_every_shape_on_two_ranks(tmp_path):
+    out = _run("bench_sync_batch_norm.py", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path),
+               "--json", str(tmp_path / "sbn.json"))
+    table = (tmp_path / "sync_batch_norm.md").read_text()
+    for shape in ("(128, 6, 24, 24)", "(128, 16, 8, 8)", "(128, 120)", "(4, 6, 24, 24)"):
+        assert shape in table and shape in out
+    assert "comm / sync" in table and "--repeats 2" in table
+    result = json.loads((tmp_path / "sbn.json").read_text())
+    assert result["processes"] == 2 and len(result["results"]) == 4
+    for row in result["results"]:
+        assert len(row["ms_per_rank"]) == 2
+        assert all(row["ms"][k] > 0 for k in ("local", "sync", "comm"))
