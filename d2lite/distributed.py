@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Iterator
@@ -19,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .syncbn import convert_sync_batchnorm
-
-from .train import EpochStats, History, init_xavier, train
+from .history import EpochStats, History
+from .train import init_xavier, train
 
 __all__ = ["launch", "map_ranks", "grad_on_ranks", "DistributedError", "Shard", "train_distributed",
            "STUDENT_SIDE"]
@@ -90,7 +91,8 @@ def launch(fn: Callable[..., Any], processes: int = 2, args: tuple = (), *, back
 
 def map_ranks(fn: Callable[..., Any], shards, *args, timeout: float = 120.0) -> list:
     """``fn(shards[r], *args)`` on rank r of ``len(shards)`` processes in one process group; the
-    results in rank order. A quick way to try a function that communicates::
+    results in rank order. A tuple ``shards[r]`` gives several per-rank arguments:
+    ``fn(*shards[r], *args)``. A quick way to try a function that communicates::
 
         d2lite.map_ranks(global_moments, X.split([3, 5]))   # two ranks, 3 and 5 examples
     """
@@ -99,7 +101,8 @@ def map_ranks(fn: Callable[..., Any], shards, *args, timeout: float = 120.0) -> 
 
 
 def _map_rank(rank, world, fn, shards, args):
-    return fn(shards[rank], *args)
+    first = shards[rank] if isinstance(shards[rank], tuple) else (shards[rank],)
+    return fn(*first, *args)
 
 
 def grad_on_ranks(fn: Callable[..., Any], shards, grad_outputs, *params,
@@ -233,6 +236,9 @@ def train_distributed(net: nn.Module, train_iter: Iterable, test_iter: Iterable,
 
 
 def _train_rank(rank, world, model, train_iter, test_iter, num_epochs, lr, name, train_kwargs):
+    # d2lite's convolutions hand back a (C_out, 1, k, k) weight gradient whose stride on the axis
+    # of size 1 differs from DDP's bucket's: harmless (a size-1 axis), but DDP warns on stderr.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ddp = nn.parallel.DistributedDataParallel(model)
     history = train(ddp, Shard(train_iter, rank, world), Shard(test_iter, rank, world), num_epochs,
                     lr, device="cpu", init=None, name=name, animate=False, progress=False,

@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from .train import History, train
+from .history import History
+from .train import train
 
 __all__ = ["grid", "run_grid", "Results", "COLUMNS"]
 

@@ -1,4 +1,4 @@
-"""The LeNet family of the chapter and its exercises, built from options rather than copies."""
+"""The LeNet family of the chapter and its exercises, and PyTorch's MNIST net, built from options."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -9,7 +9,7 @@ from torch import nn
 from .layers import AvgPool2d, Conv2d
 from .modules import BatchNorm
 
-__all__ = ["lenet", "LAYERS", "VARIANTS", "count_parameters"]
+__all__ = ["lenet", "LAYERS", "VARIANTS", "mnist_net", "MNIST_LAYERS", "count_parameters"]
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")  # the layers that can be followed by batch norm
 
@@ -95,6 +95,57 @@ def lenet(variant: str = "d2l", *, norm: str | None = None,
     block("fc1", 3, lambda b: nn.Linear(c2 * side * side, h1, bias=b), h1, 2)
     block("fc2", 4, lambda b: nn.Linear(h1, h2, bias=b), h2, 2)
     layers.append(("fc3", nn.Linear(h2, num_classes)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+MNIST_LAYERS = ("conv1", "conv2", "fc1")  # the layers of mnist_net that can have batch norm
+
+
+def mnist_net(*, norm: str | None = None, norm_layers: Iterable[str] | str = ("conv2", "fc1"),
+              dropout: float = 0.0, num_classes: int = 10) -> nn.Sequential:
+    """PyTorch's classic MNIST example network for (N, 1, 28, 28) images, returning log-probabilities
+    of shape (N, num_classes), with batch norm where asked (the blog's: on conv2 and fc1 only).
+
+    conv1 1→10 (5x5) → max-pool 2 → ReLU; conv2 10→20 (5x5) → max-pool 2 → ReLU; flatten (320);
+    fc1 320→50 → ReLU; fc2 50→num_classes; log-softmax. 21,840 parameters without batch norm.
+
+    norm: ``None`` (no batch norm), ``"d2lite"`` (d2lite.BatchNorm) or ``"torch"`` (nn.BatchNorm2d
+        after a convolution, nn.BatchNorm1d after fc1); each goes straight after its layer, before
+        the pooling and the ReLU.
+    norm_layers: which of ``MNIST_LAYERS`` ("conv1", "conv2", "fc1") get batch norm, or "all";
+        the default, conv2 and fc1, is the blog's network.
+    dropout: 0 (the default) leaves it out; p > 0 puts it where the PyTorch example has it,
+        nn.Dropout2d(p) after conv2 (and its batch norm) and nn.Dropout(p) after fc1's ReLU.
+
+    The output is ``log_softmax`` of the logits; d2lite.train's nn.CrossEntropyLoss takes it as it
+    would the logits (log-softmax of log-probabilities is themselves), so the loss, its gradients
+    and the accuracy are those of nn.NLLLoss on this output. Layers are named (``conv1``, ``bn1``,
+    ``pool1``, ``act1``, ``conv2``, ``bn2``, ``drop2``, …, ``fc1``, ``bn3``, ``act3``, ``drop3``,
+    ``fc2``, ``log_softmax``).
+    """
+    norm_layers = MNIST_LAYERS if norm_layers == "all" else (
+        (norm_layers,) if isinstance(norm_layers, str) else tuple(norm_layers))
+    _check_choice("norm", norm, (None, *_NORMS))
+    unknown = set(norm_layers) - set(MNIST_LAYERS)
+    if unknown:
+        raise ValueError(f"norm_layers may name only {MNIST_LAYERS} (or be \"all\"), "
+                         f"got unknown {sorted(unknown)}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+
+    def bn(index: int, name: str, width: int, dims: int) -> list[tuple[str, nn.Module]]:
+        return [(f"bn{index}", _NORMS[norm](width, dims))] if norm and name in norm_layers else []
+
+    drop2 = [("drop2", nn.Dropout2d(dropout))] if dropout else []
+    drop3 = [("drop3", nn.Dropout(dropout))] if dropout else []
+    layers = [("conv1", Conv2d(1, 10, 5)), *bn(1, "conv1", 10, 4),
+              ("pool1", nn.MaxPool2d(2)), ("act1", nn.ReLU()),
+              ("conv2", Conv2d(10, 20, 5)), *bn(2, "conv2", 20, 4), *drop2,
+              ("pool2", nn.MaxPool2d(2)), ("act2", nn.ReLU()), ("flatten", nn.Flatten()),
+              ("fc1", nn.Linear(20 * 4 * 4, 50)), *bn(3, "fc1", 50, 2), ("act3", nn.ReLU()), *drop3,
+              ("fc2", nn.Linear(50, num_classes)), ("log_softmax", nn.LogSoftmax(dim=1))]
     return nn.Sequential(OrderedDict(layers))
 
 

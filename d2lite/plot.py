@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
-from .train import EpochStats, History
+from .history import EpochStats, History
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -43,7 +43,7 @@ class LivePlot:
     Args:
         title: the plot's title; it also names the default PNG.
         num_epochs: fixes the x axis to ``[1, num_epochs]`` from the first epoch on.
-        metrics: :class:`~d2lite.train.EpochStats` fields, one line each.
+        metrics: :class:`~d2lite.history.EpochStats` fields, one line each.
         path: where to write the PNG; default ``<title>.png`` (``training.png`` without a title)
             in the current directory when headless, none otherwise.
     """
@@ -111,7 +111,7 @@ def plot_histories(histories: Iterable[History] | Mapping[str, History],
     Args:
         histories: Histories (e.g. with and without batch norm), each labelled by its ``name``;
             a mapping such as ``Results.histories`` is taken by its values.
-        metrics: :class:`~d2lite.train.EpochStats` fields, one subplot each.
+        metrics: :class:`~d2lite.history.EpochStats` fields, one subplot each.
         path: if given, the figure is also saved there as a PNG (parent folders are created).
         title: the figure's title.
 

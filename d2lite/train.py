@@ -6,73 +6,36 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .history import EpochStats, History  # re-exported: ``from d2lite.train import History`` works
+
 __all__ = ["EpochStats", "History", "train", "evaluate_accuracy", "accuracy", "try_gpu",
-           "init_xavier", "make_optimizer", "keep_freed_memory"]
+           "init_xavier", "make_optimizer", "keep_freed_memory", "set_live_view"]
+
+Callback = Callable[[History], None]  # called with the History after every epoch; may have close()
+
+# What train() draws with when it animates. The loop knows nothing of plotting, as minGPT's
+# Trainer knows nothing of what its callbacks show: d2lite/__init__.py installs d2lite.plot's
+# LivePlot and in_notebook_default here (see set_live_view).
+_live_view: Callable[..., Callback] | None = None
+_animate_by_default: Callable[[], bool] | None = None
 
 
-@dataclass
-class EpochStats:
-    """What one epoch of :func:`train` measured."""
+def set_live_view(make_view: Callable[..., Callback] | None,
+                  animate_by_default: Callable[[], bool] | None = None) -> None:
+    """Install the live view :func:`train` adds to its callbacks when it animates.
 
-    epoch: int                # 1-based
-    train_loss: float         # mean cross-entropy over the epoch's training examples
-    train_acc: float          # accuracy on those examples, measured while training
-    test_acc: float           # accuracy on the test iterator after the epoch
-    lr: float                 # learning rate used during the epoch
-    examples_per_sec: float   # training examples / seconds in training steps (d2l's timer)
-    seconds: float            # wall time of the epoch, data and evaluation included
-    num_examples: int = 0     # training examples seen in the epoch
-    train_seconds: float = 0  # seconds spent in training steps
-
-
-@dataclass
-class History:
-    """Per-epoch statistics of one training run; ``history.test_acc`` etc. give one list each."""
-
-    name: str = ""
-    device: str = "cpu"
-    epochs: list[EpochStats] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.epochs)
-
-    def __getattr__(self, metric: str) -> list:
-        if metric in EpochStats.__dataclass_fields__:
-            return [getattr(e, metric) for e in self.epochs]
-        raise AttributeError(f"{type(self).__name__} has no attribute {metric!r}")
-
-    @property
-    def final(self) -> EpochStats:
-        if not self.epochs:
-            raise ValueError(f"history {self.name!r} is empty: no epoch has been trained")
-        return self.epochs[-1]
-
-    @property
-    def total_seconds(self) -> float:
-        """Wall time of the whole run."""
-        return sum(e.seconds for e in self.epochs)
-
-    @property
-    def examples_per_sec(self) -> float:
-        """Training examples per second over the run, training steps only (d2l's figure)."""
-        seconds = sum(e.train_seconds for e in self.epochs)
-        return sum(e.num_examples for e in self.epochs) / seconds if seconds else 0.0
-
-    def summary(self) -> str:
-        """d2l's closing lines: ``loss …, train acc …, test acc …`` and ``… examples/sec on …``."""
-        f = self.final
-        return (f"loss {f.train_loss:.3f}, train acc {f.train_acc:.3f}, test acc {f.test_acc:.3f}\n"
-                f"{self.examples_per_sec:.1f} examples/sec on {self.device}")
-
-    def to_rows(self) -> list[dict]:
-        """One dict per epoch, with the run's name, for tables and CSV."""
-        return [{"run": self.name, **asdict(e)} for e in self.epochs]
+    make_view: ``make_view(title=str | None, num_epochs=int) -> callback``, e.g.
+        :class:`d2lite.plot.LivePlot` (installed when ``d2lite`` is imported); None: no live view.
+    animate_by_default: ``() -> bool``, whether ``train(animate=None)`` animates, e.g.
+        :func:`d2lite.plot.in_notebook_default`; None: it never does.
+    """
+    global _live_view, _animate_by_default
+    _live_view, _animate_by_default = make_view, animate_by_default
 
 
 def try_gpu(i: int = 0) -> torch.device:
@@ -137,7 +100,7 @@ def train(net: nn.Module, train_iter: Iterable, test_iter: Iterable, num_epochs:
           loss: nn.Module | None = None, init: Callable[[nn.Module], None] | None = init_xavier,
           name: str = "", animate: bool | None = None, progress: bool | None = None,
           verbose: bool = True,
-          callbacks: Sequence[Callable[[History], None]] = ()) -> History:
+          callbacks: Sequence[Callback] = ()) -> History:
     """Train ``net`` as d2l's ``train_ch6`` does and return its :class:`History`.
 
     train_iter, test_iter: iterables of ``(X, y)``, X of shape (B, ...) and y labels of shape (B,).
@@ -145,9 +108,10 @@ def train(net: nn.Module, train_iter: Iterable, test_iter: Iterable, num_epochs:
     a callable ``(params, lr)``. scheduler: a callable ``optimizer -> LR scheduler``, stepped after
     every epoch (``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 5, 0.1)``). init: applied with
     ``net.apply`` before training (``None`` keeps the net's weights). animate: draw a live plot
-    (default: in Jupyter, unless the budget is the grading one). progress: a tqdm bar (default: as
-    animate). verbose: print d2l's closing lines. callbacks: called with the History after every
-    epoch.
+    (default: in Jupyter, unless the budget is the grading one), i.e. add the view installed with
+    :func:`set_live_view` (:class:`d2lite.plot.LivePlot`) to the callbacks. progress: a tqdm bar
+    (default: as animate). verbose: print d2l's closing lines. callbacks: called with the History
+    after every epoch, and their ``close()``, if any, once at the end.
     """
     if not isinstance(num_epochs, int) or num_epochs < 1:
         raise ValueError(f"num_epochs must be a positive int, got {num_epochs!r}")
@@ -165,11 +129,16 @@ def train(net: nn.Module, train_iter: Iterable, test_iter: Iterable, num_epochs:
     loss_fn = loss if loss is not None else nn.CrossEntropyLoss()
     history = History(name=name, device=str(device))
 
-    from . import plot  # imported here: matplotlib is only needed when plotting
-    show = plot.in_notebook_default() if animate is None else animate
+    if animate is None:
+        show = _animate_by_default is not None and _live_view is not None and _animate_by_default()
+    else:
+        show = bool(animate)
     callbacks = list(callbacks)
     if show:
-        callbacks.append(plot.LivePlot(title=name or None, num_epochs=num_epochs))
+        if _live_view is None:
+            raise ValueError("animate=True needs a live view, and none is installed: "
+                             "d2lite.train.set_live_view(d2lite.plot.LivePlot) installs the usual one")
+        callbacks.append(_live_view(title=name or None, num_epochs=num_epochs))
     bar = _progress_bar(num_epochs * _num_batches(train_iter), show if progress is None else progress)
 
     diverged = False

@@ -1,9 +1,9 @@
-"""d2lite.lenet: the chapter's networks, built from options."""
+"""d2lite.lenet and d2lite.mnist_net: the chapter's networks and the blog's, built from options."""
 import pytest
 import torch
 from torch import nn
 
-from d2lite import BatchNorm, count_parameters, lenet
+from d2lite import BatchNorm, count_parameters, lenet, mnist_net
 
 
 def _kinds(net):
@@ -89,3 +89,89 @@ def test_bad_options(kwargs, message):
 def test_bias_false_keeps_biases_when_norm_comes_after_the_activation():
     net = lenet(norm="d2lite", norm_position="after", bias=False)
     assert all(getattr(net, n).bias is not None for n in ("conv1", "conv2", "fc1", "fc2", "fc3"))
+
+
+def _norms(net):
+    return [name for name, m in net.named_children()
+            if isinstance(m, (BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d))]
+
+
+def test_mnist_net_is_pytorchs_example_network_returning_log_probabilities():
+    net = mnist_net()
+    assert [n for n, _ in net.named_children()] == [
+        "conv1", "pool1", "act1", "conv2", "pool2", "act2", "flatten", "fc1", "act3", "fc2",
+        "log_softmax"]
+    assert _kinds(net) == [nn.Conv2d, nn.MaxPool2d, nn.ReLU, nn.Conv2d, nn.MaxPool2d, nn.ReLU,
+                           nn.Flatten, nn.Linear, nn.ReLU, nn.Linear, nn.LogSoftmax]
+    # conv1 1*10*25+10, conv2 10*20*25+20, fc1 320*50+50, fc2 50*10+10
+    assert [count_parameters(getattr(net, n)) for n in ("conv1", "conv2", "fc1", "fc2")] == [
+        260, 5020, 16050, 510]
+    assert count_parameters(net) == 21840
+    out = net(torch.randn(5, 1, 28, 28))
+    assert out.shape == (5, 10)
+    torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(5))  # rows are log-probabilities
+
+
+def test_mnist_net_log_softmax_output_gives_cross_entropy_the_loss_of_its_logits():
+    """d2lite.train's nn.CrossEntropyLoss applies log_softmax again: a no-op on log-probabilities."""
+    torch.manual_seed(0)
+    net = mnist_net().double()
+    x, y = torch.randn(6, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (6,))
+    log_probs = net(x)
+    logits = net[:-1](x)
+    ce = nn.CrossEntropyLoss()
+    torch.testing.assert_close(ce(log_probs, y), ce(logits, y), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ce(log_probs, y), nn.NLLLoss()(log_probs, y), rtol=0, atol=1e-12)
+
+
+def test_mnist_net_batch_norm_only_where_asked():
+    blog = mnist_net(norm="torch")
+    assert _norms(blog) == ["bn2", "bn3"]  # conv2 and fc1 (dense1), the blog's
+    assert isinstance(blog.bn2, nn.BatchNorm2d) and blog.bn2.num_features == 20
+    assert isinstance(blog.bn3, nn.BatchNorm1d) and blog.bn3.num_features == 50
+    names = [n for n, _ in blog.named_children()]
+    assert names.index("bn2") == names.index("conv2") + 1 and names.index("bn3") == names.index("fc1") + 1
+    assert count_parameters(blog) == 21840 + 2 * (20 + 50)
+    everywhere = mnist_net(norm="d2lite", norm_layers="all")
+    assert _norms(everywhere) == ["bn1", "bn2", "bn3"]
+    assert all(isinstance(getattr(everywhere, n), BatchNorm) for n in ("bn1", "bn2", "bn3"))
+    assert count_parameters(everywhere) == 21840 + 2 * (10 + 20 + 50)
+    assert _norms(mnist_net(norm="d2lite", norm_layers=("conv1",))) == ["bn1"]
+    assert _norms(mnist_net(norm="torch", norm_layers="fc1")) == ["bn3"]
+    assert _norms(mnist_net(norm_layers="all")) == []  # norm=None: no batch norm anywhere
+    for net in (blog, everywhere):
+        assert net(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+
+
+def test_mnist_net_torch_and_d2lite_norms_agree_with_the_same_weights():
+    torch.manual_seed(0)
+    reference = mnist_net(norm="torch", norm_layers="all").double()
+    ours = mnist_net(norm="d2lite", norm_layers="all").double()
+    ours.load_state_dict(reference.state_dict())  # d2lite.BatchNorm loads nn.BatchNorm's state
+    x = torch.randn(16, 1, 28, 28, dtype=torch.float64)
+    # float64: the two normalize in a different order of operations, equal to ~1e-15
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-10, atol=1e-10)  # training mode
+    ours.eval()
+    reference.eval()
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-10, atol=1e-10)  # running statistics
+
+
+def test_mnist_net_dropout_where_pytorchs_example_has_it():
+    net = mnist_net(norm="torch", dropout=0.5)
+    names = [n for n, _ in net.named_children()]
+    assert isinstance(net.drop2, nn.Dropout2d) and names.index("drop2") == names.index("bn2") + 1
+    assert isinstance(net.drop3, nn.Dropout) and names.index("drop3") == names.index("act3") + 1
+    assert net.drop2.p == net.drop3.p == 0.5
+    assert not any(isinstance(m, (nn.Dropout, nn.Dropout2d)) for m in mnist_net())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(norm="batch"), "norm must be one of"),
+    (dict(norm="torch", norm_layers=("conv2", "fc2")), r"may name only .*unknown \['fc2'\]"),
+    (dict(norm="torch", norm_layers="dense1"), r"unknown \['dense1'\]"),
+    (dict(dropout=-0.1), "dropout must be in"),
+    (dict(num_classes=0), "num_classes must be a positive int"),
+])
+def test_mnist_net_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mnist_net(**kwargs)

@@ -145,3 +145,29 @@ def test_in_notebook_default(fake_kernel, monkeypatch):
 
 def test_in_notebook_default_is_false_outside_jupyter():
     assert plot.in_notebook_default() is False
+
+
+def test_importing_d2lite_installs_liveplot_as_trains_live_view(fake_kernel, monkeypatch, capsys):
+    """d2lite.train() in Jupyter animates with a LivePlot by default, though train.py never imports plot."""
+    import IPython.display
+    import torch
+    from torch import nn
+
+    import d2lite
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append("update")
+
+    def display(obj, display_id=False):
+        shown.append("display")
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    data = [(torch.randn(8, 2), torch.randint(0, 2, (8,)))]
+    d2lite.train(nn.Linear(2, 2), data, data, 2, 0.1, device="cpu", progress=False, verbose=False)
+    assert shown == ["display", "update"]
+    monkeypatch.setenv("D2LITE_BUDGET", "grading")  # graded notebooks are never animated
+    d2lite.train(nn.Linear(2, 2), data, data, 1, 0.1, device="cpu", progress=False, verbose=False)
+    assert shown == ["display", "update"]

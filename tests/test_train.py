@@ -93,3 +93,54 @@ def test_keep_freed_memory_applies_once_unless_switched_off(setting, expected):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == [expected, expected]
+
+
+@pytest.fixture
+def live_view(monkeypatch):
+    """A fake live view installed for the test (d2lite's own, d2lite.plot.LivePlot, comes back after)."""
+    train_module = sys.modules["d2lite.train"]
+    monkeypatch.setattr(train_module, "_live_view", train_module._live_view)
+    monkeypatch.setattr(train_module, "_animate_by_default", train_module._animate_by_default)
+    made = []
+
+    class View:
+        def __init__(self, title, num_epochs):
+            self.title, self.num_epochs, self.seen, self.closed = title, num_epochs, [], False
+            made.append(self)
+
+        def __call__(self, history):
+            self.seen.append(len(history))
+
+        def close(self):
+            self.closed = True
+
+    return train_module, View, made
+
+
+def test_animate_adds_the_installed_live_view_to_the_callbacks(live_view):
+    train_module, View, made = live_view
+    train_module.set_live_view(View, lambda: False)
+    seen = []
+    train(nn.Linear(2, 2), _blobs(), _blobs(), 2, 0.1, device="cpu", name="mlp", animate=True,
+          progress=False, verbose=False, callbacks=[lambda h: seen.append(len(h))])
+    assert len(made) == 1 and (made[0].title, made[0].num_epochs) == ("mlp", 2)
+    assert made[0].seen == seen == [1, 2] and made[0].closed
+    train(nn.Linear(2, 2), _blobs(), _blobs(), 1, 0.1, device="cpu", verbose=False)
+    assert len(made) == 1  # animate=None: the installed default said no
+
+
+def test_animate_none_follows_the_installed_default(live_view):
+    train_module, View, made = live_view
+    train_module.set_live_view(View, lambda: True)
+    train(nn.Linear(2, 2), _blobs(), _blobs(), 1, 0.1, device="cpu", progress=False, verbose=False)
+    assert len(made) == 1 and made[0].title is None and made[0].seen == [1]
+    train(nn.Linear(2, 2), _blobs(), _blobs(), 1, 0.1, device="cpu", animate=False, verbose=False)
+    assert len(made) == 1
+
+
+def test_without_a_live_view_train_never_animates_by_default_and_says_why_it_cannot(live_view):
+    train_module, _, _ = live_view
+    train_module.set_live_view(None)
+    train(nn.Linear(2, 2), _blobs(), _blobs(), 1, 0.1, device="cpu", verbose=False)
+    with pytest.raises(ValueError, match="set_live_view"):
+        train(nn.Linear(2, 2), _blobs(), _blobs(), 1, 0.1, device="cpu", animate=True, verbose=False)

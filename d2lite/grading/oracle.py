@@ -153,10 +153,13 @@ class _Block:
                     except (RuntimeError, ValueError):
                         pass  # an op this torch does not have
         if "batch_norm" in self.families:
-            targets = [functional.batch_norm]
-            forward = getattr(functional, "_BatchNormTrain", None)
-            if forward is not None:
-                targets.append(forward.__dict__["forward"].__func__)
+            import d2lite.syncbn as syncbn
+
+            targets = [functional.batch_norm, syncbn.sync_batch_norm]
+            for owner, name in ((functional, "_BatchNormTrain"), (syncbn, "_SyncBatchNormTrain")):
+                forward = getattr(owner, name, None)
+                if forward is not None:
+                    targets.append(forward.__dict__["forward"].__func__)
             for fn in targets:
                 if not fn.__code__.co_freevars:
                     self.code.append((fn, fn.__code__))
