@@ -102,7 +102,16 @@ def map_ranks(fn: Callable[..., Any], shards, *args, timeout: float = 120.0) -> 
 
 def _map_rank(rank, world, fn, shards, args):
     first = shards[rank] if isinstance(shards[rank], tuple) else (shards[rank],)
-    return fn(*first, *args)
+    return fn(*(_own(x) for x in first), *args)
+
+
+def _own(x):
+    """A rank's own copy of its part: a shard made by ``X.split`` is a view of X's storage, through
+    which the rank could read the other ranks' parts (``untyped_storage()``, ``as_strided``) without
+    communicating; as separate processes on separate devices, each rank holds only its part."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.detach().clone().requires_grad_(x.requires_grad and x.is_floating_point())
 
 
 def grad_on_ranks(fn: Callable[..., Any], shards, grad_outputs, *params,
@@ -123,12 +132,12 @@ def grad_on_ranks(fn: Callable[..., Any], shards, grad_outputs, *params,
 
 
 def _grad_rank(rank, world, fn, shards, grad_outputs, params):
-    X = shards[rank].detach().clone().requires_grad_()
+    X = _own(shards[rank]).requires_grad_()
     leaves = [p.detach().clone().requires_grad_() if isinstance(p, torch.Tensor) and p.is_floating_point()
               else p for p in params]
     Y = fn(X, *leaves)
     Y = Y[0] if isinstance(Y, (tuple, list)) else Y
-    (Y * grad_outputs[rank]).sum().backward()
+    (Y * _own(grad_outputs[rank])).sum().backward()
     return Y.detach(), X.grad, [p.grad if isinstance(p, torch.Tensor) else None for p in leaves]
 
 

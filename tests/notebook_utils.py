@@ -11,7 +11,7 @@ SOLUTIONS = ROOT / "solutions" / ASSIGNMENT
 CHAPTERS = ROOT / "chapters" / ASSIGNMENT
 NOTEBOOKS = ["00_from_scratch", "01_bias", "02_learning_rates", "03_every_layer", "04_dropout",
              "05_fixed_gamma_beta", "06_api", "07_lite", "08_other_normalizations",
-             "09_input_normalization"]
+             "09_input_normalization", "10_distributed"]
 
 
 def read(path: Path) -> nbformat.NotebookNode:

@@ -89,3 +89,17 @@ def test_train_distributed_refuses_what_it_cannot_do():
     train_iter, test_iter = _data(64, 64)
     with pytest.raises(TypeError, match="does not take 'animate'"):
         train_distributed(d2lite.lenet(), train_iter, test_iter, 1, 0.1, animate=True)
+
+
+def _storage_bytes(x, *rest):
+    return x.untyped_storage().nbytes()
+
+
+def test_each_rank_holds_only_its_own_part():
+    """X.split makes views of X's storage; a rank is given a copy of its part alone (as a process on
+    another device would hold), so it cannot read the other ranks' parts without communicating."""
+    X = torch.randn(8, 3, dtype=torch.float64)
+    assert d2lite.map_ranks(_storage_bytes, X.split([3, 5])) == [3 * 3 * 8, 5 * 3 * 8]
+    assert d2lite.map_ranks(_storage_bytes, list(zip(X.split([2, 6]), X.split([2, 6])))) == [2 * 3 * 8, 6 * 3 * 8]
+    ranks = d2lite.grad_on_ranks(lambda x: x * 2, X.split([3, 5]), X.split([3, 5]))
+    assert [tuple(r[1].shape) for r in ranks] == [(3, 3), (5, 3)]

@@ -187,6 +187,33 @@ class _Block:
         return False
 
 
+class _Library:
+    """d2lite.distributed as it was before any student code ran. The checker's ``map_ranks`` (…)
+    run here, in the student's process, so that the ranks run the student's functions; each call
+    first puts back the module's functions and globals (and their code and defaults) as they were,
+    so a patch of ``launch`` or ``_map_rank`` through an alias the source policy does not see cannot
+    replace what the ranks are given or what they return."""
+
+    def __init__(self) -> None:
+        import d2lite.distributed as module
+
+        self.module = module
+        self.names = dict(vars(module))
+        self.code = [(f, f.__code__, f.__defaults__, f.__kwdefaults__) for f in self.names.values()
+                     if isinstance(f, types.FunctionType) and f.__module__ == module.__name__]
+
+    def get(self, name: str):
+        if name not in self.names["STUDENT_SIDE"]:
+            raise ValueError(f"not a d2lite function that runs here: {name!r}")
+        current = vars(self.module)
+        for key in [k for k in current if k not in self.names]:
+            del current[key]
+        current.update(self.names)
+        for f, code, defaults, kwdefaults in self.code:
+            f.__code__, f.__defaults__, f.__kwdefaults__ = code, defaults, kwdefaults
+        return self.names[name]
+
+
 class Oracle:
     def __init__(self, channel: transport.Channel) -> None:
         from IPython.core.interactiveshell import InteractiveShell
@@ -201,6 +228,7 @@ class Oracle:
         self.snapshots: dict[int, tuple] = {}
         self.call_refs: dict[int, int] = {}        # id(module of this request) -> the checker's cid
         self.pristine = _Pristine()
+        self.library = _Library()
         self.next_id = 0
 
     # --- what leaves ---------------------------------------------------------------------------
@@ -419,11 +447,7 @@ class Oracle:
                 return {"found": True, "value": self.ns[name]}
             return {"found": False}
         if op == "library":  # d2lite's functions that run code in other processes (the ranks)
-            import d2lite.distributed
-
-            if request["name"] not in d2lite.distributed.STUDENT_SIDE:
-                raise ValueError(f"not a d2lite function that runs here: {request['name']!r}")
-            return getattr(d2lite.distributed, request["name"])
+            return self.library.get(request["name"])
         if op == "torch":
             import torch
 

@@ -43,7 +43,7 @@ FORBIDDEN_MODULES = {"importlib", "ctypes", "gc", "inspect", "sys", "builtins", 
                      "torch._C", "torch._dynamo"}
 FORBIDDEN_ATTRIBUTES = {"ops", "library", "overrides", "f_globals", "f_locals", "f_back", "gi_frame",
                         "attrgetter", "methodcaller"}
-MODULE_NAMES = {"torch", "nn", "F", "d2lite", "np", "numpy", "plt", "matplotlib", "math", "os", "random",
+MODULE_NAMES = {"torch", "nn", "F", "dist", "d2lite", "np", "numpy", "plt", "matplotlib", "math", "os", "random",
                 "functools", "itertools", "copy", "collections", "torchvision", "tqdm", "nbformat"}
 # magics an honest notebook uses (they measure or display, and reach nothing)
 HARMLESS_MAGICS = {"time", "timeit", "matplotlib", "precision", "who", "whos", "pwd", "config", "prun"}
@@ -158,6 +158,28 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
               and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in HARMLESS_MAGICS}
     modules = MODULE_NAMES | set(module_names) | imported
     called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    # a module bound to another name, put in a container or passed along: its attributes can then be
+    # changed where the check of attribute writes above does not see it (``m = d2lite; m.f = g``)
+    plain_modules = MODULE_NAMES | set(module_names) | {
+        (a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    read_through = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    # names bound to something read off a module (``m = d2lite.distributed``, ``f = torch.save``):
+    # writing their attributes patches the library as writing the module's would
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Attribute):
+            chain = node.value
+            while isinstance(chain, ast.Attribute):
+                chain = chain.value
+            if isinstance(chain, ast.Name) and chain.id in modules:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                modules = modules | {t.id for t in targets if isinstance(t, ast.Name)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in plain_modules and isinstance(node.ctx, ast.Load) \
+                and id(node) not in read_through and node.id not in own:
+            line = getattr(node, "lineno", 0)
+            flags.append(Flag("machinery", cell, line, quote(line),
+                              f"uses the module {node.id} as a value (a new name for it, an argument, an "
+                              "item), through which graded code could patch it"))
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 0)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ATTRIBUTE_FUNCTIONS:

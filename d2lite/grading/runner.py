@@ -104,6 +104,18 @@ def _execute_unlocked(job: dict, limits: sandbox.Limits, modules: list[str]) -> 
         _ast_lock.acquire()
 
 
+def _runs_ranks(source: str) -> bool:
+    """Whether a test cell calls one of d2lite's functions that run code on several processes."""
+    from ..distributed import STUDENT_SIDE
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return False
+    return any((isinstance(n, ast.Attribute) and n.attr in STUDENT_SIDE)
+               or (isinstance(n, ast.Name) and n.id in STUDENT_SIDE) for n in ast.walk(tree))
+
+
 def _grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
     source_nb = nbformat.reads(context["source"], as_version=4)
     reasons: list[str] = []
@@ -115,7 +127,11 @@ def _grade_task(task: dict, context: dict, limits: sandbox.Limits) -> dict:
     rebuilt = rebuild(source_nb, student_nb, context["icells"])
     reasons += rebuilt.notes[:5]
     tests = [i for i, role in enumerate(rebuilt.roles) if role == "test"]
-    structural = {i for i in tests if "forbid_calls(" in rebuilt.nb.cells[i].source}
+    # structural: the checks that rely on library code running in the student's process, where the
+    # source policy's findings of reaching into the runtime cost them: the library block
+    # (forbid_calls) and d2lite's functions that run the student's code on several processes
+    structural = {i for i in tests if "forbid_calls(" in rebuilt.nb.cells[i].source
+                  or _runs_ranks(rebuilt.nb.cells[i].source)}
     used = {i: split.names_used(rebuilt.nb.cells[i].source) for i in structural}
     ends, outcome = {}, None
     if student_nb is None:

@@ -49,6 +49,11 @@ def test_honest_code_is_not_flagged(source):
     ("x.__code__ = y\n", "__code__"),
     ("get_ipython().run_line_magic('run', 'evil.py')\n", "get_ipython"),
     ("torch.ops.aten.native_batch_norm\n", ".ops"),
+    ("dist.all_reduce = lambda t, group=None: None\n", "patch"),  # dist: the setup cell's alias
+    ("m = d2lite.distributed\nm.launch = fake_launch\n", "patch"),
+    ("m = d2lite\n", "as a value"),
+    ("mods = [torch]\nmods[0].save = fake_save\n", "as a value"),
+    ("import torch.distributed as D\nhelper(D)\n", "as a value"),
 ])
 def test_reaching_into_the_runtime_is_flagged(source, words):
     flags = check_cell(source, "mine")
