@@ -32,6 +32,8 @@ bench: install
 	$(PY) benchmarks/bench_end_to_end.py
 	$(PY) benchmarks/profile_step.py
 	$(PY) benchmarks/bench_grading.py
+	$(PY) benchmarks/bench_sync_batch_norm.py
+	$(PY) benchmarks/blog_net.py
 
 # every mutant of every reference solution against the test cells, and 5 killed ones per notebook
 # graded through d2lite grade (as root: the sandbox); writes benchmarks/results/mutants.md
