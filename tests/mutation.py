@@ -506,12 +506,23 @@ def _child(cells, base, mutant, battery, write_fd) -> None:
     os.write(write_fd, json.dumps(asdict(outcome)).encode())
 
 
+def _kill_group(pgid: int) -> None:
+    """Kill what is left of a mutant's process group: processes it forked (d2lite.map_ranks' ranks)
+    and did not reap, because it was killed at its time limit or its ranks hung. Left alive, they
+    would keep the worker's stdout/stderr open and `run_in_worker` waiting for ever."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _forked(cells, base, mutant, battery, timeout: float) -> Outcome:
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
         try:
+            os.setpgid(0, 0)  # its own process group: whatever it starts (a notebook's ranks) ends with it
             _child(cells, base, mutant, battery, write_fd)
         finally:
             os._exit(0)
@@ -529,6 +540,7 @@ def _forked(cells, base, mutant, battery, timeout: float) -> Outcome:
         chunks.append(chunk)
     os.close(read_fd)
     _, status = os.waitpid(pid, 0)
+    _kill_group(pid)
     name = mutant.id if mutant else "reference"
     if not chunks:
         kind = "timeout" if time.monotonic() >= deadline else "crashed"
@@ -564,7 +576,10 @@ def run_notebook(path: Path, mutants: list[Mutant], timeout: float | None = None
     limit = timeout or max(20.0, 10 * reference.seconds)
     outcomes = []
     for mutant in mutants:
-        outcomes.append(_forked(chain, base, mutant, battery, limit))
+        outcome = _forked(chain, base, mutant, battery, limit)
+        if outcome.status == "timeout":  # forked gloo ranks can deadlock now and then: one more try
+            outcome = _forked(chain, base, mutant, battery, limit)
+        outcomes.append(outcome)
     return reference, outcomes, setup_seconds
 
 

@@ -497,7 +497,127 @@ def _standardize_probe(ns):
 BATTERY_09 = battery(("channel_stats", _stats_probe), ("standardize", _standardize_probe))
 
 
+# -------------------------------------------------------------------------------- 10_distributed
+# Each probe is one d2lite.map_ranks / grad_on_ranks call (a fork of 2-4 gloo processes, ~0.1-0.3 s)
+# in which every rank runs many cases of the namespace's function. A rank draws the whole batch from
+# the case's seed and keeps its own slice, so the reference's ranks and the mutant's see equal data.
+# A mutant whose ranks disagree on the collectives raises (a rank fails or times out): a difference.
+RANK_TIMEOUT = 20.0
+
+# (shape, split sizes over the ranks, dtype, scale, shift): uneven and empty slices, 2D/3D/4D
+_MOMENT_CASES = {
+    2: [((12, 3, 4, 4), [5, 7], F64, 2.0, 1.0), ((9, 4), [4, 5], F64, 0.5, -1.0), ((6, 2, 5), [1, 5], F32, 3.0, 10.0),
+        ((8, 3, 2, 2), [0, 8], F64, 1.0, 0.0), ((7, 2, 3), [7, 0], F32, 1.0, 2.0), ((10, 3), [3, 7], F32, 1.0, 1000.0),
+        ((5, 2, 1, 3), [1, 4], F64, 4.0, -3.0), ((1, 5), [0, 1], F64, 1.0, 0.5)],
+    3: [((12, 4), [5, 0, 7], F64, 0.5, -1.0), ((9, 3, 2, 2), [2, 3, 4], F32, 2.0, 1.0), ((6, 2, 3), [0, 0, 6], F64, 1.0, 5.0),
+        ((11, 2, 2, 3), [4, 4, 3], F64, 3.0, 5.0), ((4, 5), [1, 1, 2], F32, 1.0, -3.0), ((9, 2), [3, 3, 3], F32, 0.1, 300.0)],
+}
+_EPS = [1e-5, 0.1, 1e-3, 2.0, 0.5, 0.01, 1e-5, 0.3]
+
+
+def _slice(full, sizes, rank):
+    return full.split(sizes)[rank].clone()
+
+
+def _moments_on_rank(rank, ns, cases, group=None):
+    out = {}
+    for k, (shape, sizes, dtype, scale, shift) in enumerate(cases):
+        X = _slice(rand(shape, 200 + k, dtype, scale, shift), sizes, rank)
+        if k % 3 == 0 and X.shape[0]:  # a constant channel: its variance must not round below 0
+            X[:, 0] = (0.1, 0.3, 0.7)[k % 9 // 3]
+        before = X.clone()
+        count, mean, var = ns["global_moments"](X, group) if group is not None else ns["global_moments"](X)
+        out[f"{shape} {sizes} {dtype} shift={shift}"] = (count, mean, var, bool((var >= 0).all()), torch.equal(X, before))
+    return out
+
+
+def _grad_case(shape, sizes, dtype, scale, shift, eps, seed, rank):
+    """This rank's (dY, X_hat) and the batch's (inv_std, gamma, count), consistent as the spec says."""
+    X, dY = rand(shape, seed, dtype, scale, shift), rand(shape, seed + 1, dtype)
+    C, dims = shape[1], [0, *range(2, len(shape))]
+    view = (1, C) + (1,) * (len(shape) - 2)
+    mean, var = X.mean(dims), X.var(dims, correction=0)
+    inv_std = (var + eps).rsqrt()
+    X_hat = (X - mean.view(view)) * inv_std.view(view)
+    gamma = torch.rand(C, generator=gen(seed + 2), dtype=dtype) + 0.5
+    return _slice(dY, sizes, rank), _slice(X_hat, sizes, rank), inv_std, gamma, X.numel() // C
+
+
+def _input_grads_on_rank(rank, ns, cases, group=None):
+    out = {}
+    for k, (shape, sizes, dtype, scale, shift) in enumerate(cases):
+        eps = _EPS[k]
+        dY, X_hat, inv_std, gamma, count = _grad_case(shape, sizes, dtype, scale, shift, eps, 300 + 10 * k, rank)
+        args = (dY, X_hat, inv_std, gamma, count) + ((group,) if group is not None else ())
+        copies = [a.clone() for a in args[:4]]
+        got = ns["sync_input_grad"](*args)
+        out[f"{shape} {sizes} {dtype} eps={eps}"] = (got, all(torch.equal(a, b) for a, b in zip(args, copies)))
+    return out
+
+
+def _function_on_rank(rank, ns, cases, group=None):
+    out = {}
+    for k, (shape, sizes, dtype, scale, shift) in enumerate(cases):
+        eps = None if k % 4 == 0 else _EPS[k]
+        C, seed = shape[1], 400 + 10 * k
+        X = _slice(rand(shape, seed, dtype, scale, shift), sizes, rank).requires_grad_()
+        W = _slice(rand(shape, seed + 1, dtype), sizes, rank)
+        gamma = (torch.rand(C, generator=gen(seed + 2), dtype=dtype) + 0.5).requires_grad_()
+        beta = rand((C,), seed + 3, dtype, grad=True)
+        args = (X, gamma, beta) + (() if eps is None else (eps,)) + (() if group is None else (group,))
+        if eps is None and group is not None:
+            args = (X, gamma, beta, 1e-5, group)
+        Y = ns["SyncBatchNormFunction"].apply(*args)
+        grads = torch.autograd.grad(Y, [X, gamma, beta], W, allow_unused=True)
+        out[f"{shape} {sizes} {dtype} eps={eps}"] = (Y.detach(), Y.requires_grad, Y.grad_fn is not None, *grads)
+    return out
+
+
+def _on_ranks(world, body, cases):
+    def call(ns):
+        import d2lite
+        return d2lite.map_ranks(body, list(range(world)), ns, cases, timeout=RANK_TIMEOUT)
+    return call
+
+
+def _in_groups_on_rank(rank, ns):
+    """4 ranks in two groups, {0, 1} and {2, 3}, each its own batch: the collectives must stay in `group`."""
+    import torch.distributed as dist
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group, pair_rank = groups[rank // 2], rank % 2
+    cases = [((7, 3, 2, 2), [3, 4], F64, 2.0, 1.0), ((6, 4), [5, 1], F64, 1.0, -2.0), ((5, 2, 3), [0, 5], F32, 1.0, 3.0)]
+    mine = [(shape, sizes, dtype, scale + rank // 2, shift * (1 + rank // 2)) for shape, sizes, dtype, scale, shift in cases]
+    return {"global_moments": _moments_on_rank(pair_rank, ns, mine, group),
+            "sync_input_grad": _input_grads_on_rank(pair_rank, ns, mine, group),
+            "SyncBatchNormFunction": _function_on_rank(pair_rank, ns, mine, group),
+            "global_moments(group=None)": ns["global_moments"](rand((3, 2), 500 + rank))}
+
+
+def _grad_on_ranks_probe(shape, sizes, eps, seed, dtype=F64):
+    def call(ns):
+        import d2lite
+        C = shape[1]
+        X, W = rand(shape, seed, dtype, 2.0, 1.0), rand(shape, seed + 1, dtype)
+        gamma, beta = torch.rand(C, generator=gen(seed + 2), dtype=dtype) + 0.5, rand((C,), seed + 3, dtype)
+        return d2lite.grad_on_ranks(ns["SyncBatchNormFunction"].apply, X.split(sizes), W.split(sizes), gamma, beta,
+                                    *(() if eps is None else (eps,)), timeout=RANK_TIMEOUT)
+    return (f"grad_on_ranks(SyncBatchNormFunction.apply) {shape} {sizes} {dtype} eps={eps}", call)
+
+
+BATTERY_10 = battery(
+    *[(f"global_moments on {w} ranks", _on_ranks(w, _moments_on_rank, cases)) for w, cases in _MOMENT_CASES.items()],
+    *[(f"sync_input_grad on {w} ranks", _on_ranks(w, _input_grads_on_rank, cases)) for w, cases in _MOMENT_CASES.items()],
+    *[(f"SyncBatchNormFunction forward/backward on {w} ranks", _on_ranks(w, _function_on_rank, cases))
+      for w, cases in _MOMENT_CASES.items()],
+    ("global_moments, sync_input_grad, SyncBatchNormFunction in two process groups of 2 (4 ranks)",
+     lambda ns: __import__("d2lite").map_ranks(_in_groups_on_rank, list(range(4)), ns, timeout=RANK_TIMEOUT)),
+    _grad_on_ranks_probe((12, 3, 4, 4), [5, 7], None, 600),
+    _grad_on_ranks_probe((11, 4, 3), [3, 0, 8], 0.01, 610),
+    _grad_on_ranks_probe((8, 5), [3, 5], 0.5, 620, F32),
+)
+
+
 BATTERIES = {"00_from_scratch": BATTERY_00, "01_bias": BATTERY_01, "02_learning_rates": BATTERY_02,
              "03_every_layer": BATTERY_03, "04_dropout": BATTERY_04, "05_fixed_gamma_beta": BATTERY_05,
              "06_api": BATTERY_06, "07_lite": BATTERY_07, "08_other_normalizations": BATTERY_08,
-             "09_input_normalization": BATTERY_09}
+             "09_input_normalization": BATTERY_09, "10_distributed": BATTERY_10}
