@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         "grade", help="grade submissions of an nbgrader assignment, safely",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=GRADE_HELP)
-    grd.add_argument("assignment", help="the assignment, e.g. batch_norm")
+    grd.add_argument("assignment", nargs="?", help="the assignment, e.g. batch_norm")
+    grd.add_argument("--check", action="store_true",
+                     help="print what this machine offers the sandbox (cgroup v1 or v2, root, bubblewrap) "
+                          "and what the grader will use, then exit (status 1 if it cannot grade here)")
     grd.add_argument("--student", action="append", default=[], metavar="ID",
                      help="grade only this student (repeatable; default: everyone in submitted/)")
     grd.add_argument("--notebook", action="append", default=[], metavar="NAME",
@@ -198,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         from .grading.runner import grade
         from .grading.sandbox import Limits, SandboxUnavailable
 
+        if args.check:
+            from .grading import sandbox
+
+            lines = sandbox.describe()
+            print("\n".join(lines))
+            return 0 if lines[-1].startswith("verdict: ready") else 1
+        if not args.assignment:
+            raise SystemExit("d2lite grade: name the assignment (e.g. `d2lite grade batch_norm`), or --check")
         limits = Limits(memory=args.memory, wall=float(args.timeout), cpu=args.cpu,
                         processes=args.processes, output=args.output)
         try:

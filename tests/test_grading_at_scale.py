@@ -272,3 +272,47 @@ def test_the_warm_start_leaks_nothing_to_the_next_student(tmp_path_factory, env)
     assert seen["c_observer"] == seen["a_fresh"] == seen["e_observer"]
     assert "torch.float32 True False" in seen["c_observer"] and "leak" not in seen["c_observer"]
 
+
+
+def test_an_internal_error_is_never_a_grade(tmp_path_factory, env, monkeypatch):
+    """A notebook the grader fails on (here: its task raises on the worker) is not graded: nothing of
+    it reaches the gradebook or autograded/, the report lists it as NOT GRADED, the run ends with an
+    error naming it (the CLI exits non-zero), and the next run grades it."""
+    from d2lite.grading import runner
+
+    root = tmp_path_factory.mktemp("internal")
+    new_course(root, tmp_path_factory.mktemp("internal-exchange"))
+    _submit(root, "honest", CASES["honest"][0])
+    _submit(root, "victim", CASES["mistake_eps_forgotten"][0])
+    real = runner.grade_task
+
+    def failing(task, context, limits):
+        if task["student"] == "victim" and task["notebook"] == NB:
+            raise RuntimeError("the grader broke here")
+        return real(task, context, limits)
+
+    monkeypatch.setattr(runner, "grade_task", failing)
+    report = root / "reports" / "run1.csv"
+    with pytest.raises(runner.NotGraded) as caught:
+        grade(root, ASSIGNMENT, limits=LIMITS, notebooks=[NB, FAST], report=report, echo=lambda *a: None)
+    message = str(caught.value)
+    assert "1 notebook(s) NOT GRADED" in message and f"victim/{NB}" in message and "the grader broke here" in message
+    assert [(r.student, r.notebook) for r in caught.value.ungraded] == [("victim", NB)]
+    book = _gradebook(root)
+    # nbgrader lists every notebook of a submission; the one not graded has no auto score
+    victim_nb = [score for (s, n, _), (score, _) in book["scores"].items() if s == "victim" and n == NB]
+    assert all(score is None for score in victim_nb), f"an internal error reached the gradebook: {victim_nb}"
+    assert any(score is not None for (s, n, _), (score, _) in book["scores"].items() if s == "victim" and n == FAST)
+    assert not (root / "autograded" / "victim" / ASSIGNMENT / f"{NB}.ipynb").exists()
+    import csv
+    lines = {(r["student"], r["notebook"]): r for r in csv.DictReader(report.open())}
+    assert lines[("victim", NB)]["graded"] == "False" and lines[("victim", NB)]["score"] == ""
+    assert lines[("honest", NB)]["graded"] == "True"
+
+    monkeypatch.setattr(runner, "grade_task", real)
+    rows = grade(root, ASSIGNMENT, limits=LIMITS, notebooks=[NB, FAST], echo=lambda *a: None)
+    victim = {r.notebook: r for r in rows if r.student == "victim"}[NB]
+    assert victim.graded and victim.score == CASES["mistake_eps_forgotten"][1], victim
+    after = _gradebook(root)["scores"]
+    assert sum(score or 0 for (s, n, _), (score, _) in after.items() if s == "victim" and n == NB) \
+        == CASES["mistake_eps_forgotten"][1]

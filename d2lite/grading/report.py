@@ -17,6 +17,7 @@ class Row:
     seconds: float = 0.0
     peak_mib: float = 0.0
     reasons: list[str] = field(default_factory=list)
+    graded: bool = True            # False: an internal error; nothing of it is in the gradebook
 
     @property
     def reason(self) -> str:
@@ -27,7 +28,7 @@ def format_table(rows: list[Row]) -> str:
     header = f"{'student':<16} {'notebook':<26} {'score':>11} {'seconds':>8} {'peak MiB':>9}  reasons"
     lines = [header, "-" * len(header)]
     for r in rows:
-        score = f"{r.score:g}/{r.max_score:g}"
+        score = f"{r.score:g}/{r.max_score:g}" if r.graded else "NOT GRADED"
         lines.append(f"{r.student[:16]:<16} {r.notebook[:26]:<26} {score:>11} {r.seconds:8.1f} "
                      f"{r.peak_mib:9.0f}  {r.reason[:300]}")
     return "\n".join(lines)
@@ -36,10 +37,13 @@ def format_table(rows: list[Row]) -> str:
 def write_csv(rows: list[Row], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["student", "notebook", "score", "max_score", "seconds", "peak_mib", "reasons"])
+        writer = csv.DictWriter(fh, ["student", "notebook", "score", "max_score", "seconds", "peak_mib", "reasons",
+                                     "graded"])
         writer.writeheader()
         for r in rows:
             row = asdict(r)
             row["reasons"] = r.reason
+            if not r.graded:
+                row["score"] = ""  # no score: the notebook was not graded
             writer.writerow(row)
     return path

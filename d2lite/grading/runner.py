@@ -27,7 +27,7 @@ from .errors import GradingError
 from .rebuild import Rebuilt, nbgrader_meta, rebuild
 from .report import Row, format_table, write_csv
 
-__all__ = ["grade", "grade_task", "GradingError"]
+__all__ = ["grade", "grade_task", "GradingError", "NotGraded"]
 
 REFERENCE_VERSION = 4
 
@@ -199,7 +199,7 @@ def _unreached(task: dict, context: dict, message: str) -> dict:
     verdicts = {i: judge.Verdict(False, message) for i, role in enumerate(rebuilt.roles) if role == "test"}
     judge.compose(rebuilt, {}, verdicts)
     _, most = judge.points(rebuilt, verdicts)
-    row = Row(task["student"], task["notebook"], 0.0, most, reasons=[message])
+    row = Row(task["student"], task["notebook"], 0.0, most, reasons=[message], graded=False)
     return {"row": asdict(row), "autograded": nbformat.writes(rebuilt.nb), "failed": True}
 
 
@@ -329,9 +329,23 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
             task = {"student": "(reference)", "notebook": name, "error": None, "files": {},
                     "notebook_json": json.dumps(sources[name])}
             pending[runner.submit(grade_task, task, contexts[name], limits)] = (name, key, path)
-        for future in runner.as_completed(list(pending)):
-            name, key, path = pending[future]
-            _check_reference(name, future.result(), path, key)
+        reference_tries: dict[str, int] = {}
+        while pending:
+            round_, pending = pending, {}
+            for future in runner.as_completed(list(round_)):
+                name, key, path = round_[future]
+                try:
+                    result = future.result()
+                except Exception as error:  # noqa: BLE001
+                    if not _lost(error) or reference_tries.get(name, 0) >= 3:
+                        raise GradingError(f"the reference solution of {name} could not be checked: "
+                                           f"{type(error).__name__}: {error}") from None
+                    reference_tries[name] = reference_tries.get(name, 0) + 1
+                    task = {"student": "(reference)", "notebook": name, "error": None, "files": {},
+                            "notebook_json": json.dumps(sources[name])}
+                    pending[runner.submit(grade_task, task, contexts[name], limits)] = (name, key, path)
+                    continue
+                _check_reference(name, result, path, key)
         futures = {}
         skipped = len(rows)
         write = echo or (lambda line: tqdm.write(line))
@@ -342,6 +356,7 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
         bar = tqdm(total=len(tasks), unit="notebook", desc=f"grading {assignment}", dynamic_ncols=True,
                    disable=None if progress is None else not progress)  # None: shown on a terminal only
         failures = 0
+        ungraded: list[Row] = []
         stamps: dict[str, str | None] = {}  # student -> the timestamp copy_files found
         book = ledger.Ledger(ledger_path)
         tries: dict[tuple[str, str], int] = {}
@@ -361,8 +376,16 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
                             tries[(student, name)] = tries.get((student, name), 0) + 1
                             futures[runner.submit(grade_task, task, contexts[name], limits)] = (task, key)
                             continue
-                        result = _unreached(task, local[name], f"internal error, graded 0: {type(error).__name__}: {error}")
+                        result = _unreached(task, local[name], f"not graded, internal error: {type(error).__name__}: {error}")
                     row = Row(**result["row"])
+                    if result.get("failed"):
+                        # the grader's failure, not the student's: no grade goes to the gradebook, no
+                        # autograded copy is written, and the next run grades it again
+                        rows[(student, name)] = row
+                        ungraded.append(row)
+                        bar.update()
+                        write(f"{student}/{name}: NOT GRADED — {row.reason[:300]}")
+                        continue
                     try:
                         nb = nbformat.reads(result["autograded"], as_version=4)
                         autograded = course.autograded(student, assignment)
@@ -374,8 +397,7 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
                     except Exception as error:  # noqa: BLE001
                         row.reasons.append(f"and the gradebook could not be written: {type(error).__name__}: {error}")
                     else:
-                        if not result.get("failed"):  # an internal error is tried again next run
-                            book.add(student, name, key, row)
+                        book.add(student, name, key, row)
                     rows[(student, name)] = row
                     failures += row.score < row.max_score
                     bar.update()
@@ -398,4 +420,21 @@ def grade(root: Path, assignment: str, students: list[str] | None = None,
     ordered = [rows[(s, n)] for s in students for n in notebooks if (s, n) in rows]
     path = write_csv(ordered, report or course.root / "reports" / f"{assignment}.csv")
     (echo or print)("\n" + format_table(ordered) + f"\n\nreport written to {path}")
+    ungraded = [r for r in ordered if not r.graded]
+    if ungraded:
+        raise NotGraded(ungraded, ordered)
     return ordered
+
+
+class NotGraded(GradingError):
+    """Some notebooks could not be graded (the grader's failure: a lost worker, an error of its own):
+    they are left out of the gradebook and listed; ``rows`` holds the whole run's report rows."""
+
+    def __init__(self, ungraded: list[Row], rows: list[Row]) -> None:
+        self.ungraded, self.rows = ungraded, rows
+        lines = [f"  {r.student}/{r.notebook}: {r.reason[:300]}" for r in ungraded[:20]]
+        if len(ungraded) > 20:
+            lines.append(f"  … and {len(ungraded) - 20} more (see the report)")
+        super().__init__(f"{len(ungraded)} notebook(s) NOT GRADED (internal errors; nothing of them is in the "
+                         f"gradebook; the other {len(rows) - len(ungraded)} are): run the same command again "
+                         "to grade them\n" + "\n".join(lines))

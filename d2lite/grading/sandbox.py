@@ -15,9 +15,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import cgroups
+
 __all__ = ["Limits", "Outcome", "SandboxUnavailable", "Warm", "check_features"]
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 DIRTY = 75  # the child's exit status when it found the private directories not empty after wiping
 GiB = 1 << 30
 CHECKER_PROCESSES = 32  # the checker's own processes and threads (it runs no student code)
@@ -56,14 +57,21 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
-def _cgroup_dirs() -> tuple[Path, Path]:
-    return CGROUP_ROOT / "memory", CGROUP_ROOT / "pids"
+_BACKEND: cgroups.Backend | None = None
+
+
+def backend() -> cgroups.Backend:
+    """The cgroup backend of this machine (detected once)."""
+    global _BACKEND
+    if _BACKEND is None:
+        _BACKEND = cgroups.detect()
+    return _BACKEND
 
 
 def check_features() -> None:
     """Raise SandboxUnavailable naming every missing feature: bubblewrap (user, mount, PID, network,
-    IPC and UTS namespaces), root (to create cgroups and drop to `nobody`), cgroup v1 `memory` and
-    `pids` controllers, and the user `nobody`."""
+    IPC and UTS namespaces), root (to drop to `nobody`), the memory and pids controllers of cgroup
+    v1 or v2 (cgroups.detect: on v2, a delegated subtree), and the user `nobody`."""
     missing = []
     if shutil.which("setpriv") is None:
         missing.append("setpriv (util-linux)")
@@ -71,11 +79,7 @@ def check_features() -> None:
         missing.append("bubblewrap (`bwrap`; Debian/Ubuntu: apt-get install bubblewrap)")
     if os.geteuid() != 0:
         missing.append("root (the grader creates a cgroup per notebook and runs it as `nobody`)")
-    memory, pids = _cgroup_dirs()
-    if not (memory / "memory.limit_in_bytes").exists():
-        missing.append(f"the cgroup v1 memory controller at {memory}")
-    if not (pids / "pids.max").exists() and not (pids / "cgroup.procs").exists():
-        missing.append(f"the cgroup v1 pids controller at {pids}")
+    missing += backend().missing()
     try:
         pwd.getpwnam("nobody")
     except KeyError:
@@ -91,26 +95,31 @@ def check_features() -> None:
                                  + ". It refuses to run student code unprotected.")
 
 
+def describe() -> list[str]:
+    """What ``d2lite grade --check`` prints: what this machine has, and what the grader will use."""
+    b = backend()
+    lines = [f"cgroup: v{b.version} ({'unified hierarchy' if b.version == 2 else 'memory and pids hierarchies'} "
+             f"at /sys/fs/cgroup)", f"  will use: {b.describe()}"]
+    for what in b.missing():
+        lines.append(f"  MISSING: {what}")
+    lines.append(f"user: uid {os.geteuid()}" + (" (root)" if os.geteuid() == 0 else
+                                                " (not root: the sandbox drops each notebook to `nobody` "
+                                                "with setpriv, which needs root)"))
+    for tool in ("bwrap", "setpriv"):
+        lines.append(f"{tool}: {shutil.which(tool) or 'MISSING'}")
+    try:
+        check_features()
+    except SandboxUnavailable as error:
+        lines.append(f"verdict: cannot grade here. {error}")
+        return lines
+    lines.append("verdict: ready: each notebook runs in bubblewrap (PID, mount, network, IPC, UTS namespaces) "
+                 "as `nobody`, with the caps above")
+    return lines
+
+
 def remove_stale_cgroups() -> int:
-    """Remove the empty cgroups a killed grader left behind (``d2lite-<pid>-…`` of a pid that is gone)."""
-    removed = 0
-    for controller in _cgroup_dirs():
-        if not controller.is_dir():
-            continue
-        for path in controller.glob("d2lite-*-*"):
-            try:
-                pid = int(path.name.split("-")[1])
-            except (IndexError, ValueError):
-                continue
-            if pid == os.getpid() or Path(f"/proc/{pid}").exists():
-                continue
-            try:
-                if not (path / "cgroup.procs").read_text().split():
-                    path.rmdir()
-                    removed += 1
-            except OSError:
-                pass
-    return removed
+    """Remove the cgroups a killed grader left behind (``d2lite-<pid>-…`` of a pid that is gone)."""
+    return backend().remove_stale()
 
 
 def _nobody() -> tuple[int, int]:
@@ -166,91 +175,10 @@ def _bwrap_args(ro_binds: list[Path], env: dict[str, str], disk: int = 64 << 20,
                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
 
-class _Cgroup:
-    """A memory + pids cgroup (v1) for one sandbox; everything in it is killed at the end."""
-
-    def __init__(self, limits: Limits, processes: int | None) -> None:
-        name = f"d2lite-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        memory, pids = _cgroup_dirs()
-        self.memory, self.pids = memory / name, pids / name
-        self.memory.mkdir()
-        self.pids.mkdir()
-        (self.memory / "memory.limit_in_bytes").write_text(str(limits.memory))
-        memsw = self.memory / "memory.memsw.limit_in_bytes"
-        if memsw.exists():
-            try:
-                memsw.write_text(str(limits.memory))
-            except OSError:
-                pass
-        move = self.memory / "memory.move_charge_at_immigrate"
-        if move.exists():  # the fork server's pages stay charged to its own cgroup
-            move.write_text("0")
-        self.set_processes(processes)
-
-    def set_processes(self, processes: int | None) -> None:
-        (self.pids / "pids.max").write_text("max" if processes is None else str(processes))
-
-    def adopt(self, pid: int) -> None:
-        """Move process ``pid`` (all its threads) into this cgroup."""
-        (self.memory / "cgroup.procs").write_text(str(pid))
-        (self.pids / "cgroup.procs").write_text(str(pid))
-
-    def join(self) -> None:  # in a child of ours, before exec
-        self.adopt(os.getpid())
-
-    def procs(self) -> list[int]:
-        try:
-            return [int(p) for p in (self.pids / "cgroup.procs").read_text().split()]
-        except OSError:
-            return []
-
-    def oom_killed(self) -> bool:
-        try:
-            failcnt = int((self.memory / "memory.failcnt").read_text())
-            control = (self.memory / "memory.oom_control").read_text()
-        except OSError:
-            return False
-        kills = [int(line.split()[1]) for line in control.splitlines() if line.startswith("oom_kill ")]
-        return (kills and kills[0] > 0) or failcnt > 0
-
-    def peak(self) -> int:
-        try:
-            return int((self.memory / "memory.max_usage_in_bytes").read_text())
-        except OSError:
-            return 0
-
-    def kill_all(self) -> int:
-        """SIGKILL every process in the cgroup until none is left (forking is stopped first, so a
-        fork loop cannot refill it); return how many were found."""
-        found = 0
-        if self.procs():
-            try:
-                self.set_processes(0)
-            except OSError:
-                pass
-        for _ in range(100):
-            procs = self.procs()
-            if not procs:
-                break
-            found = max(found, len(procs))
-            for pid in procs:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.02)
-        return found
-
-    def remove(self) -> None:
-        for path in (self.memory, self.pids):
-            for _ in range(50):
-                try:
-                    path.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.02)
+def _Cgroup(limits: Limits, processes: int | None) -> cgroups.Cgroup:
+    """A cgroup for one sandbox (memory capped at ``limits.memory``, ``processes`` tasks or none),
+    from the backend this machine has (cgroups.detect: v1 or v2)."""
+    return backend().create(limits.memory, processes)
 
 
 def _reader(stream, cap: int, keep: int, sink: dict, on_over) -> None:
