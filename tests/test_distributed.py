@@ -103,3 +103,64 @@ def test_each_rank_holds_only_its_own_part():
     assert d2lite.map_ranks(_storage_bytes, list(zip(X.split([2, 6]), X.split([2, 6])))) == [2 * 3 * 8, 6 * 3 * 8]
     ranks = d2lite.grad_on_ranks(lambda x: x * 2, X.split([3, 5]), X.split([3, 5]))
     assert [tuple(r[1].shape) for r in ranks] == [(3, 3), (5, 3)]
+
+
+def _others_found(x):
+    """What a rank finds of the other ranks' parts (values 1000.5 + i, i < 24, not its own) and of
+    the secret (7777.25) in the memory the fork gave it: every tensor the garbage collector knows and
+    every local of its callers' frames."""
+    import gc
+    import sys
+
+    wanted = ({1000.5 + i for i in range(24)} - set(x.detach().flatten().tolist())) | {7777.25}
+    candidates = [o for o in gc.get_objects() if isinstance(o, (list, tuple, dict))]
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidates.append(dict(frame.f_locals))
+        frame = frame.f_back
+    found, seen = 0, set()
+    for obj in candidates:
+        for v in (obj.values() if isinstance(obj, dict) else obj):
+            if isinstance(v, torch.Tensor) and id(v) not in seen and v.dtype == torch.float64:
+                seen.add(id(v))
+                found += sum(value in wanted for value in v.detach().flatten().tolist()[:10000])
+    return found
+
+
+def test_a_rank_finds_no_other_part_and_no_secret_in_its_memory(monkeypatch):
+    """Under d2lite grade the oracle sets _forget_in_rank: each rank, once it holds its own copy of
+    its part, wipes (in its copy of memory) the other ranks' parts and whatever else the grader
+    sent, so that searching the memory it inherited (frames, the garbage collector) finds nothing of
+    them; the parent's tensors are untouched."""
+    import d2lite.distributed as module
+
+    secret = torch.full((4, 3), 7777.25, dtype=torch.float64)
+    monkeypatch.setattr(module, "_forget_in_rank", lambda: module._wipe([secret]))
+    parts = [torch.arange(1000.5, 1009.5, dtype=torch.float64).view(3, 3),
+             torch.arange(1009.5, 1024.5, dtype=torch.float64).view(5, 3)]  # never whole here
+    assert d2lite.map_ranks(_others_found, parts) == [0, 0]
+    assert d2lite.map_ranks(lambda x, s: float(s.sum()), parts, secret) == [7777.25 * 12] * 2  # its own copy
+    ranks = d2lite.grad_on_ranks(lambda x: x * _others_found(x), parts, [torch.zeros_like(p) for p in parts])
+    assert [float(r[0].abs().sum()) for r in ranks] == [0.0, 0.0]
+    assert float(secret.sum()) == 7777.25 * 12 and float(torch.cat(parts).sum()) == sum(1000.5 + i for i in range(24))
+    monkeypatch.setattr(module, "_forget_in_rank", None)
+    assert d2lite.map_ranks(_others_found, parts) == [12, 12]  # without the hook: the secret is found (the parts never)
+
+
+def test_ranks_split_into_groups_communicate_within_their_group():
+    import torch.distributed as dist
+
+    def total(x, group=None):
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    parts = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([4.0]), torch.tensor([8.0])]
+    assert [float(t) for t in d2lite.map_ranks(total, parts, groups=[[0, 1], [2, 3]])] == [3, 3, 12, 12]
+    assert [float(t) for t in d2lite.map_ranks(total, parts, groups=[[0, 3], [1, 2]])] == [9, 6, 6, 9]
+    assert [float(t) for t in d2lite.map_ranks(total, parts)] == [15] * 4
+    ranks = d2lite.grad_on_ranks(lambda x, g: total(x, g), parts, parts, groups=[[0, 1], [2, 3]])
+    assert [float(r[0]) for r in ranks] == [3, 3, 12, 12]
+    for bad in ([[0, 1], [1, 2, 3]], [[0, 1], [2]], [[0, 1, 2, 3], []], [["a"]]):
+        with pytest.raises(ValueError, match="groups must"):
+            d2lite.map_ranks(total, parts, groups=bad)

@@ -91,6 +91,18 @@ library = d2lite
 library.map_ranks = _whole
 '''
 
+# ... or read them in the memory the fork inherited from the student's process (the red team's): the
+# caller's frames (through a traceback, or a generator's frame), the garbage collector (through
+# os.sys.modules), or merge the ranks' local sums in the parent, through a patch of torch.load on a
+# module reached by a function's return value. Each rank wipes what the grader sent before the
+# student's function runs, and the path the results take back is put back as it was before each call.
+FRAME_SYS = 'import os\n\ndef global_moments(X, group=None):\n    C = X.shape[1]\n    try:\n        raise ValueError("here")\n    except ValueError:\n        tb = os.sys.exc_info()[2]\n        frame = getattr(tb, "tb_frame")\n    while frame is not None and "shards" not in getattr(frame, "f_locals"):\n        frame = getattr(frame, "f_back")\n    whole = torch.cat([s if isinstance(s, torch.Tensor) else s[0] for s in getattr(frame, "f_locals")["shards"]])\n    return _whole_moments(whole, X.dtype, C)\n\ndef _whole_moments(whole, dtype, C):\n    dims = [0, *range(2, whole.dim())]\n    w = whole.to(torch.float64)\n    return whole.numel() // C, w.mean(dims).to(dtype), w.var(dims, correction=0).to(dtype)\n'
+FRAME_GEN = 'def _caller_frame():\n    def walk():\n        yield getattr(getattr(holder[0], "gi_frame"), "f_back")\n    holder = [walk()]\n    return next(holder[0])\n\n\ndef global_moments(X, group=None):\n    C = X.shape[1]\n    frame = _caller_frame()\n    while frame is not None and "shards" not in getattr(frame, "f_locals"):\n        frame = getattr(frame, "f_back")\n    whole = torch.cat([s if isinstance(s, torch.Tensor) else s[0] for s in getattr(frame, "f_locals")["shards"]])\n    return _whole_moments(whole, X.dtype, C)\n\ndef _whole_moments(whole, dtype, C):\n    dims = [0, *range(2, whole.dim())]\n    w = whole.to(torch.float64)\n    return whole.numel() // C, w.mean(dims).to(dtype), w.var(dims, correction=0).to(dtype)\n'
+FRAME_GEN_GRAD = 'def _caller_frame2():\n    def walk():\n        yield getattr(getattr(holder[0], "gi_frame"), "f_back")\n    holder = [walk()]\n    return next(holder[0])\n\n\ndef sync_input_grad(dY, X_hat, inv_std, gamma, count, group=None):\n    C = dY.shape[1]\n    dims = [0, *range(2, dY.dim())]\n    shape = (1, C) + (1,) * (dY.dim() - 2)\n    frame = _caller_frame2()\n    while frame is not None and "shards" not in getattr(frame, "f_locals"):\n        frame = getattr(frame, "f_back")\n    local = getattr(frame, "f_locals")\n    shards = local["shards"]\n    if isinstance(shards[0], tuple):  # map_ranks: (dY, X_hat) per rank\n        dys = torch.cat([s[0] for s in shards])\n        xhats = torch.cat([s[1] for s in shards])\n    else:  # grad_on_ranks: X per rank, dY = grad_outputs\n        xs = torch.cat(list(shards)).detach().to(torch.float64)\n        mean = xs.mean(dims)\n        xhats = ((xs - mean.view(shape)) * inv_std.view(shape)).to(dY.dtype)\n        dys = torch.cat(list(local["grad_outputs"])).to(dY.dtype)\n    sum_dy = dys.sum(dims).view(shape)\n    sum_dy_xhat = (dys * xhats).sum(dims).view(shape)\n    return (gamma * inv_std).view(shape) * (dY - sum_dy / count - X_hat * sum_dy_xhat / count)\n'
+PARENT_MERGE = 'def global_moments(X, group=None):\n    C = X.shape[1]\n    dims = [0, *range(2, X.dim())]\n    return [X.numel() // C, X.sum(dims, dtype=torch.float64), X.to(torch.float64).square().sum(dims),\n            "local sums", dist.get_world_size(group), str(X.dtype)]\n\n\ndef _torch_module():\n    return torch.nn.functional.torch\n\n\n_t = _torch_module()\n_plain_load = _t.load\n_arrived = []\n\n\ndef _merging_load(*args, **kwargs):\n    value = _plain_load(*args, **kwargs)\n    if isinstance(value, list) and len(value) == 6 and value[3] == "local sums":\n        _arrived.append(value)\n        if len(_arrived) == value[4]:\n            count = sum(v[0] for v in _arrived)\n            mean = sum(v[1] for v in _arrived) / count\n            var = (sum(v[2] for v in _arrived) / count - mean.square()).clamp(min=0)\n            dtype = torch.float32 if value[5] == "torch.float32" else torch.float64\n            for v in _arrived:\n                v[:] = [count, mean.to(dtype), var.to(dtype)]\n            _arrived.clear()\n    return value\n\n\n_t.load = _merging_load\n'
+GC_MOMENTS = 'import os\n\n\ndef global_moments(X, group=None):\n    C = X.shape[1]\n    best = [X]\n    for obj in os.sys.modules["gc"].get_objects():\n        if type(obj) is list and obj and all(isinstance(s, torch.Tensor) for s in obj) \\\n                and all(s.dim() == X.dim() and s.shape[1:] == X.shape[1:] and s.dtype == X.dtype for s in obj) \\\n                and any(s.shape == X.shape and torch.equal(s.detach(), X.detach()) for s in obj) \\\n                and sum(s.numel() for s in obj) > sum(s.numel() for s in best):\n            best = obj\n    whole = torch.cat([s.detach() for s in best])\n    return _whole_moments(whole, X.dtype, C)\n\ndef _whole_moments(whole, dtype, C):\n    dims = [0, *range(2, whole.dim())]\n    w = whole.to(torch.float64)\n    return whole.numel() // C, w.mean(dims).to(dtype), w.var(dims, correction=0).to(dtype)\n'
+LOCAL_INPUT_GRAD = _edit(INPUT_GRAD, "    dist.all_reduce(sums, group=group)\n", "")
+
 # student: (cell answers replaced, score)
 CASES = {
     "reference": ({}, FULL),
@@ -102,6 +114,15 @@ CASES = {
     "through_storage": ({"global_moments": THROUGH_STORAGE}, POINTS["test_sync_input_grad"]),
     # every test runs the processes through the library, which the patch reached: all lost
     "whole_batch_patch": ({"global_moments": WHOLE_BATCH_PATCH}, 0),
+    "local_input_grad": ({"sync_input_grad": LOCAL_INPUT_GRAD}, POINTS["test_global_moments"]),
+}
+# the attacks score no more than their honest twin (the mistake they hide)
+ATTACKS = {
+    "frame_through_traceback": ({"global_moments": FRAME_SYS}, "local_moments"),
+    "frame_of_a_generator": ({"global_moments": FRAME_GEN}, "local_moments"),
+    "frame_input_grad": ({"sync_input_grad": FRAME_GEN_GRAD}, "local_input_grad"),
+    "garbage_collector": ({"global_moments": GC_MOMENTS}, "local_moments"),
+    "merge_in_the_parent": ({"global_moments": PARENT_MERGE}, "local_moments"),
 }
 
 
@@ -113,7 +134,7 @@ def graded(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PATH", nbgrader_env()["PATH"])
         new_course(root, tmp_path_factory.mktemp("exchange"))
-    for student, (answers, _) in CASES.items():
+    for student, (answers, _) in {**CASES, **ATTACKS}.items():
         nb = read(SOLUTIONS / f"{NB}.ipynb")
         for grade_id, source in answers.items():
             cell_by_id(nb, grade_id).source = source
@@ -141,3 +162,9 @@ def test_the_ranks_ran_within_the_default_caps(graded):
 
 def test_the_patch_is_reported(graded):
     assert "flagged (machinery)" in graded["whole_batch_patch"].reason, graded["whole_batch_patch"].reason
+
+
+@pytest.mark.parametrize("student", list(ATTACKS))
+def test_no_attack_on_the_ranks_scores_more_than_its_honest_twin(graded, student):
+    row, twin = graded[student], graded[ATTACKS[student][1]]
+    assert row.score <= twin.score, f"{student}: {row.score} > {twin.score} ({twin.student}): {row.reason}"

@@ -187,6 +187,9 @@ class _Block:
         return False
 
 
+_MISSING = object()
+
+
 class _Library:
     """d2lite.distributed as it was before any student code ran. The checker's ``map_ranks`` (…)
     run here, in the student's process, so that the ranks run the student's functions; each call
@@ -194,13 +197,32 @@ class _Library:
     so a patch of ``launch`` or ``_map_rank`` through an alias the source policy does not see cannot
     replace what the ranks are given or what they return."""
 
-    def __init__(self) -> None:
+    # what the ranks and the parent's decoding of their results run on: put back as it was, too, so
+    # that a patch of torch.load (or of what it calls) cannot rewrite the results on their way back
+    GUARDED = ("torch.serialization", "torch._utils", "torch.storage", "pickle", "copyreg", "io",
+               "multiprocessing.connection", "multiprocessing.process", "torch.distributed.distributed_c10d")
+
+    def __init__(self, forget=None) -> None:
+        import builtins
+        import importlib
+
         import d2lite.distributed as module
 
+        module._forget_in_rank = forget
         self.module = module
         self.names = dict(vars(module))
         self.code = [(f, f.__code__, f.__defaults__, f.__kwdefaults__) for f in self.names.values()
                      if isinstance(f, types.FunctionType) and f.__module__ == module.__name__]
+        self.builtins = set(vars(builtins))
+        self.guarded = [(m, dict(vars(m))) for m in map(importlib.import_module, self.GUARDED)]
+        import multiprocessing.connection as connection
+        import torch
+
+        self.classes = [(c, dict(vars(c))) for c in (connection.Connection, connection._ConnectionBase)]
+        self.attrs = [(torch, name, getattr(torch, name)) for name in ("load", "save", "frombuffer", "tensor")]
+        for _, names in self.guarded + self.classes:
+            self.code += [(f, f.__code__, f.__defaults__, f.__kwdefaults__) for f in names.values()
+                          if isinstance(f, types.FunctionType)]
 
     def get(self, name: str):
         if name not in self.names["STUDENT_SIDE"]:
@@ -211,6 +233,21 @@ class _Library:
         current.update(self.names)
         for f, code, defaults, kwdefaults in self.code:
             f.__code__, f.__defaults__, f.__kwdefaults__ = code, defaults, kwdefaults
+        for module, names in self.guarded:
+            current = vars(module)
+            for key in [k for k in current if k not in names and k in self.builtins]:
+                del current[key]  # a global that would shadow a builtin the module's code calls
+            for key, value in names.items():
+                if current.get(key, _MISSING) is not value:
+                    current[key] = value
+        for cls, names in self.classes:
+            for key in [k for k in vars(cls) if k not in names]:
+                delattr(cls, key)
+            for key, value in names.items():
+                if key != "__dict__" and vars(cls).get(key, _MISSING) is not value:
+                    setattr(cls, key, value)
+        for owner, key, value in self.attrs:
+            setattr(owner, key, value)
         return self.names[name]
 
 
@@ -228,8 +265,16 @@ class Oracle:
         self.snapshots: dict[int, tuple] = {}
         self.call_refs: dict[int, int] = {}        # id(module of this request) -> the checker's cid
         self.pristine = _Pristine()
-        self.library = _Library()
+        self.library = _Library(self.forget_in_rank)
         self.next_id = 0
+
+    def forget_in_rank(self) -> None:
+        """In a rank forked by d2lite.map_ranks (…), once it holds its own copies of its inputs: zero
+        every tensor the checker has sent (the other ranks' parts, other tests' inputs), in this
+        process's memory only, so that no search of the rank's memory finds them."""
+        from d2lite.distributed import _wipe
+
+        _wipe(list(self.mirrors.values()))
 
     # --- what leaves ---------------------------------------------------------------------------
 
@@ -315,6 +360,7 @@ class Oracle:
             if kind != b"P":
                 return 3
             request, own = self.load(payload)
+            del payload
             if request.get("op") == "exit":
                 return 0
             self.answer(request, own)
@@ -324,6 +370,7 @@ class Oracle:
         while True:
             kind, payload = self.channel.recv()
             message, own = self.load(payload)
+            del payload
             if "cb_re" in message and message["cb_re"] == rid:
                 return message
             if message.get("op") == "exit":

@@ -42,7 +42,17 @@ FORBIDDEN_MODULES = {"importlib", "ctypes", "gc", "inspect", "sys", "builtins", 
                      "d2lite.grading", "torch.ops", "torch.library", "torch.overrides", "torch.utils",
                      "torch._C", "torch._dynamo"}
 FORBIDDEN_ATTRIBUTES = {"ops", "library", "overrides", "f_globals", "f_locals", "f_back", "gi_frame",
-                        "attrgetter", "methodcaller"}
+                        "attrgetter", "methodcaller", "modules"}
+# attributes no exercise needs, on whatever object: a running frame's (the caller's locals: in a rank
+# forked by map_ranks, the parent's arguments), the interpreter's (os.sys), the garbage collector's,
+# and a module that another module holds (torch.nn.functional.torch: a module reached by a name the
+# policy does not know as one)
+NOWHERE_ATTRIBUTES = {"f_globals", "f_locals", "f_back", "f_code", "f_builtins", "f_trace", "gi_frame",
+                      "gi_code", "gi_yieldfrom", "cr_frame", "cr_code", "cr_await", "ag_frame", "ag_code",
+                      "tb_frame", "tb_next", "exc_info", "exception", "_getframe", "get_objects",
+                      "get_referrers", "get_referents", "settrace", "setprofile", "sys", "builtins",
+                      "serialization", "torch", "connection", "reduction", "_thread", "threading",
+                      "multiprocessing", "signal", "atexit"}
 MODULE_NAMES = {"torch", "nn", "F", "dist", "d2lite", "np", "numpy", "plt", "matplotlib", "math", "os", "random",
                 "functools", "itertools", "copy", "collections", "torchvision", "tqdm", "nbformat"}
 # magics an honest notebook uses (they measure or display, and reach nothing)
@@ -187,7 +197,8 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
             attr = node.args[1] if len(node.args) > 1 else None
             if target is None or (isinstance(_root(target), ast.Name) and _root(target).id in modules) \
                     or not isinstance(attr, (ast.Name, ast.Constant)) \
-                    or (isinstance(attr, ast.Constant) and str(attr.value).startswith("_")):
+                    or (isinstance(attr, ast.Constant) and str(attr.value).startswith("_")) \
+                    or (isinstance(attr, ast.Constant) and str(attr.value) in NOWHERE_ATTRIBUTES):
                 flags.append(Flag("machinery", cell, line, quote(line),
                                   f"{node.func.id}() on a module, or with a computed or private name, can "
                                   "reach into the grader's machinery"))
@@ -226,8 +237,9 @@ def check_cell(source: str, cell: str, *, module_names: set[str] = frozenset(),
                                           f"changes the imported module {root.id}; graded code may not "
                                           "patch libraries"))
         elif isinstance(node, ast.Attribute):
-            if node.attr in FORBIDDEN_ATTRIBUTES and isinstance(_root(node), ast.Name) \
-                    and _root(node).id in modules | {"torch"}:
+            if node.attr in NOWHERE_ATTRIBUTES or (node.attr in FORBIDDEN_ATTRIBUTES
+                                                   and isinstance(_root(node), ast.Name)
+                                                   and _root(node).id in modules | {"torch"}):
                 flags.append(Flag("machinery", cell, line, quote(line),
                                   f"uses .{node.attr}, which graded code may not use"))
             if node.attr in structure and not (isinstance(_root(node), ast.Name) and _root(node).id in own):

@@ -54,6 +54,15 @@ def test_honest_code_is_not_flagged(source):
     ("m = d2lite\n", "as a value"),
     ("mods = [torch]\nmods[0].save = fake_save\n", "as a value"),
     ("import torch.distributed as D\nhelper(D)\n", "as a value"),
+    # the red team's: the caller's frames, the garbage collector and a module held by another
+    ("tb = os.sys.exc_info()[2]\n", ".sys"),
+    ("frame = getattr(tb, 'tb_frame')\n", "getattr"),
+    ("f = getattr(getattr(g, 'gi_frame'), 'f_back')\n", "getattr"),
+    ("while f is not None:\n    f = f.f_back\n", ".f_back"),
+    ("loc = frame.f_locals\n", ".f_locals"),
+    ("objs = os.sys.modules['gc'].get_objects()\n", ".sys"),
+    ("def t():\n    return torch.nn.functional.torch\n", ".torch"),
+    ("c = coro.cr_frame\n", ".cr_frame"),
 ])
 def test_reaching_into_the_runtime_is_flagged(source, words):
     flags = check_cell(source, "mine")
