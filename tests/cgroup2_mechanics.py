@@ -33,6 +33,11 @@ def load():
 
 
 cgroups = load()
+# d2lite/grading/sandbox.py (which `d2lite grade --check` prints from) needs only cgroups.py beside it:
+# loaded as a package of its own, without d2lite's (torch)
+LOADER = ("import importlib, sys, types\n"
+          f"pkg = types.ModuleType('d2g'); pkg.__path__ = [{str(MODULE.parent)!r}]; sys.modules['d2g'] = pkg\n"
+          "sandbox = importlib.import_module('d2g.sandbox')\n")
 MiB = 1 << 20
 results: dict[str, object] = {}
 failures: list[str] = []
@@ -156,6 +161,31 @@ def main() -> int:
         seen = {"stdout": out.stdout[-2000:], "stderr": out.stderr[-2000:]}
     check("rootless_delegated_subtree", seen.get("uid") == nobody.pw_uid and seen.get("missing") == []
           and seen.get("returncode") == -signal.SIGKILL and seen.get("oom") is True, seen)
+    for child in sorted(delegated.glob("*/"), reverse=True):
+        try:
+            child.rmdir()
+        except OSError:
+            pass
+    try:
+        delegated.rmdir()
+    except OSError:
+        pass
+
+    # what `d2lite grade --check` prints, as root and as `nobody` in a delegated subtree
+    describe = LOADER + "print('\\n'.join(sandbox.describe()))\n"
+    root_lines = subprocess.run([sys.executable, "-I", "-c", describe], capture_output=True, text=True,
+                                timeout=120).stdout.splitlines()
+    check("check_as_root", any(line.startswith("cgroup: v2") for line in root_lines)
+          and any(line.startswith("sandbox: root") for line in root_lines)
+          and root_lines[-1:] and root_lines[-1].startswith("verdict: ready"), root_lines)
+    delegated.mkdir()
+    for path in (delegated, delegated / "cgroup.procs", delegated / "cgroup.subtree_control", delegated / "cgroup.threads"):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    out = run_in(_Entry(delegated), describe, user="nobody", timeout=120)
+    user_lines = out.stdout.splitlines() or [out.stderr[-2000:]]
+    check("check_as_rootless", any(line.startswith("cgroup: v2") for line in user_lines)
+          and any(line.startswith("sandbox: rootless") for line in user_lines)
+          and user_lines[-1].startswith("verdict: ready"), user_lines)
     for child in sorted(delegated.glob("*/"), reverse=True):
         try:
             child.rmdir()

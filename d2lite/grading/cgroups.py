@@ -155,9 +155,9 @@ class Backend:
 # --- cgroup v1 -------------------------------------------------------------------------------------
 
 class _V1Cgroup(Cgroup):
-    def __init__(self, root: Path, memory_limit: int, processes: int | None) -> None:
+    def __init__(self, memory_root: Path, pids_root: Path, memory_limit: int, processes: int | None) -> None:
         self.name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self.memory, self.pids = root / "memory" / self.name, root / "pids" / self.name
+        self.memory, self.pids = memory_root / self.name, pids_root / self.name
         self.memory.mkdir()
         self.pids.mkdir()
         _write(self.memory / "memory.limit_in_bytes", str(memory_limit))
@@ -206,12 +206,17 @@ class _V1Cgroup(Cgroup):
 
 
 class V1(Backend):
-    """The cgroup v1 ``memory`` and ``pids`` controllers (root only)."""
+    """The cgroup v1 ``memory`` and ``pids`` controllers: as root, or in a cgroup of each that root
+    made over to this user (``D2LITE_CGROUP_V1_SUBTREE``, a path relative to each controller's root,
+    chowned to the user: v1's delegation)."""
 
     version = 1
 
-    def __init__(self, root: Path = CGROUP_ROOT) -> None:
+    def __init__(self, root: Path = CGROUP_ROOT, subtree: str | None = None) -> None:
         self.root = root
+        subtree = (os.environ.get("D2LITE_CGROUP_V1_SUBTREE", "") if subtree is None else subtree).strip("/")
+        self.memory_root = root / "memory" / subtree if subtree else root / "memory"
+        self.pids_root = root / "pids" / subtree if subtree else root / "pids"
 
     def missing(self) -> list[str]:
         missing = []
@@ -219,19 +224,24 @@ class V1(Backend):
             missing.append(f"the cgroup v1 memory controller at {self.root / 'memory'}")
         if not (self.root / "pids" / "pids.max").exists() and not (self.root / "pids" / "cgroup.procs").exists():
             missing.append(f"the cgroup v1 pids controller at {self.root / 'pids'}")
+        for where in (self.memory_root, self.pids_root):
+            if not missing and not (os.access(where, os.W_OK) and os.access(where / "cgroup.procs", os.W_OK)):
+                missing.append(f"write access to the cgroup v1 {where} (run as root, or have root make a cgroup "
+                               "of the memory and of the pids controller over to you and name it in "
+                               "D2LITE_CGROUP_V1_SUBTREE)")
         return missing
 
     def describe(self) -> str:
-        return (f"cgroup v1: memory and pids controllers at {self.root}/memory and {self.root}/pids, "
+        return (f"cgroup v1: memory and pids controllers at {self.memory_root} and {self.pids_root}, "
                 f"a cgroup {PREFIX}<pid>-<id> in each per sandbox (memory.limit_in_bytes, "
                 "memory.memsw.limit_in_bytes where swap is accounted, pids.max)")
 
     def create(self, memory: int, processes: int | None) -> Cgroup:
-        return _V1Cgroup(self.root, memory, processes)
+        return _V1Cgroup(self.memory_root, self.pids_root, memory, processes)
 
     def remove_stale(self) -> int:
         removed = 0
-        for controller in (self.root / "memory", self.root / "pids"):
+        for controller in (self.memory_root, self.pids_root):
             if not controller.is_dir():
                 continue
             for path in controller.glob(f"{PREFIX}*-*"):

@@ -22,6 +22,11 @@ __all__ = ["Limits", "Outcome", "SandboxUnavailable", "Warm", "check_features"]
 DIRTY = 75  # the child's exit status when it found the private directories not empty after wiping
 GiB = 1 << 30
 CHECKER_PROCESSES = 32  # the checker's own processes and threads (it runs no student code)
+# Not root: bubblewrap in an unprivileged user namespace; the checker keeps the one mapped uid (no
+# capability, not dumpable) and the student's process runs as `nobody` in a user, mount and PID
+# namespace of its own, where it cannot name the checker. D2LITE_SANDBOX=rootless picks this mode as
+# root too (tests; a root that would rather not use its privileges).
+ROOTLESS = os.geteuid() != 0 or os.environ.get("D2LITE_SANDBOX") == "rootless"
 
 
 class SandboxUnavailable(RuntimeError):
@@ -77,19 +82,25 @@ def check_features() -> None:
         missing.append("setpriv (util-linux)")
     if shutil.which("bwrap") is None:
         missing.append("bubblewrap (`bwrap`; Debian/Ubuntu: apt-get install bubblewrap)")
-    if os.geteuid() != 0:
-        missing.append("root (the grader creates a cgroup per notebook and runs it as `nobody`)")
     missing += backend().missing()
-    try:
-        pwd.getpwnam("nobody")
-    except KeyError:
-        missing.append("the user `nobody`")
+    if not ROOTLESS:
+        try:
+            pwd.getpwnam("nobody")
+        except KeyError:
+            missing.append("the user `nobody`")
     if not missing:
         probe = subprocess.run(_bwrap_args([], {}) + ["/bin/true"], capture_output=True,
                                timeout=30)
         if probe.returncode != 0:
-            missing.append("mount, PID, network, IPC and UTS namespaces (bwrap said: "
+            missing.append(("an unprivileged user namespace with " if ROOTLESS else "")
+                           + "mount, PID, network, IPC and UTS namespaces (bwrap said: "
                            f"{probe.stderr.decode(errors='replace').strip()[:300]})")
+    if not missing and ROOTLESS:
+        probe = subprocess.run(_bwrap_args([], {}) + ["unshare", "--user", "--map-user=65534", "--pid", "--fork",
+                                                      "--mount", "/bin/true"], capture_output=True, timeout=30)
+        if probe.returncode != 0:
+            missing.append("a user namespace inside the sandbox's (the student's process runs in one of its own; "
+                           f"unshare said: {probe.stderr.decode(errors='replace').strip()[:300]})")
     if missing:
         raise SandboxUnavailable("d2lite grade needs, and this machine lacks: " + "; ".join(missing)
                                  + ". It refuses to run student code unprotected.")
@@ -102,9 +113,12 @@ def describe() -> list[str]:
              f"at /sys/fs/cgroup)", f"  will use: {b.describe()}"]
     for what in b.missing():
         lines.append(f"  MISSING: {what}")
-    lines.append(f"user: uid {os.geteuid()}" + (" (root)" if os.geteuid() == 0 else
-                                                " (not root: the sandbox drops each notebook to `nobody` "
-                                                "with setpriv, which needs root)"))
+    lines.append(f"user: uid {os.geteuid()}" + (" (root)" if os.geteuid() == 0 else " (not root)"))
+    lines.append("sandbox: " + ("rootless: bubblewrap in an unprivileged user namespace; the student's process "
+                                "as `nobody` in a user, mount and PID namespace of its own, the checker "
+                                "without capabilities and not dumpable" if ROOTLESS else
+                                "root: bubblewrap without a user namespace; the student's process as "
+                                "`nobody` and the checker as a uid of its own (setresuid), no capabilities"))
     for tool in ("bwrap", "setpriv"):
         lines.append(f"{tool}: {shutil.which(tool) or 'MISSING'}")
     try:
@@ -112,8 +126,8 @@ def describe() -> list[str]:
     except SandboxUnavailable as error:
         lines.append(f"verdict: cannot grade here. {error}")
         return lines
-    lines.append("verdict: ready: each notebook runs in bubblewrap (PID, mount, network, IPC, UTS namespaces) "
-                 "as `nobody`, with the caps above")
+    lines.append("verdict: ready: each notebook runs in bubblewrap (PID, mount, network, IPC, UTS namespaces"
+                 + (", and a user namespace" if ROOTLESS else "") + ") as `nobody`, with the caps above")
     return lines
 
 
@@ -140,13 +154,32 @@ def checker_ids() -> tuple[int, int]:
 
 def _bwrap_args(ro_binds: list[Path], env: dict[str, str], disk: int = 64 << 20,
                 drop: bool = True) -> list[str]:
+    if ROOTLESS:
+        return _bwrap_rootless(ro_binds, env, disk)
     uid, gid = _nobody()
     # bwrap runs as root (no user namespace, so `nobody` inside is the real `nobody` outside) and
     # keeps only CAP_SETUID/SETGID: for setpriv (drop=True), which drops to `nobody` with no
     # capabilities left, or (with CAP_SETPCAP) for the fork server, whose children drop themselves
+    common = _bwrap_common(ro_binds, env, disk)
+    args = [common[0], "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", *common[1:]]
+    if not drop:  # the fork server also empties its children's bounding set (CAP_SETPCAP)
+        return args + ["--cap-add", "CAP_SETPCAP", "--"]
+    return args + ["--", "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                   "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+
+
+def _bwrap_rootless(ro_binds: list[Path], env: dict[str, str], disk: int) -> list[str]:
+    """bubblewrap in an unprivileged user namespace (this user mapped to itself, no capability)."""
+    args = _bwrap_common(ro_binds, env, disk)
+    # as root (D2LITE_SANDBOX=rootless), root mapped to an ordinary uid inside: a user namespace
+    # whose uid 0 has no capability cannot map its own children's
+    ids = ["--uid", "1000", "--gid", "1000"] if os.geteuid() == 0 else []
+    return ["bwrap", "--unshare-user", *ids, "--cap-drop", "ALL", *args[1:], "--"]
+
+
+def _bwrap_common(ro_binds: list[Path], env: dict[str, str], disk: int) -> list[str]:
     args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
-            "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
             "--hostname", "sandbox", "--clearenv",
             "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
@@ -169,10 +202,7 @@ def _bwrap_args(ro_binds: list[Path], env: dict[str, str], disk: int = 64 << 20,
     args += ["--chdir", "/home/student"]
     for key, value in env.items():
         args += ["--setenv", key, value]
-    if not drop:  # the fork server also empties its children's bounding set (CAP_SETPCAP)
-        return args + ["--cap-add", "CAP_SETPCAP", "--"]
-    return args + ["--", "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-                   "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+    return args
 
 
 def _Cgroup(limits: Limits, processes: int | None) -> cgroups.Cgroup:
@@ -214,7 +244,7 @@ class Warm:
         self.log = b""
         self.proc = None
         try:
-            uid, gid = _nobody()
+            uid, gid = (65534, 65534) if ROOTLESS else _nobody()
             env = {**env, "D2LITE_ZYGOTE_FD": str(theirs.fileno())}
             self.proc = subprocess.Popen(
                 _bwrap_args(ro_binds, env, limits.disk, drop=False)
@@ -223,9 +253,10 @@ class Warm:
                 preexec_fn=self.cgroup.join, pass_fds=(theirs.fileno(),), close_fds=True)
             theirs.close()
             threading.Thread(target=self._drain, daemon=True).start()
-            checker_uid, checker_gid = checker_ids()
+            checker_uid, checker_gid = (None, None) if ROOTLESS else checker_ids()
             self.sock.sendall(json.dumps({"uid": uid, "gid": gid, "cpu": limits.cpu,
                                           "checker_uid": checker_uid, "checker_gid": checker_gid,
+                                          "rootless": ROOTLESS,
                                           "file_size": limits.file_size,
                                           "modules": sorted(modules),
                                           # read-only binds may lie under /tmp (a checkout in /tmp):
@@ -279,9 +310,10 @@ class Warm:
             forked = self._receive()
         finally:
             self.cgroup.adopt(self.pid)
-        if "forked" not in forked:
-            raise SandboxUnavailable(f"the warm sandbox did not fork: {forked}")
-        return forked["forked"]
+        if "forked" not in forked or (ROOTLESS and role != "checker" and "runs" not in forked):
+            raise SandboxUnavailable(f"the warm sandbox did not fork: {forked} "
+                                     + self.log.decode(errors="replace")[-1500:])
+        return forked
 
     def _wait(self, pids: list[int], timeout: float = 30) -> dict:
         self.sock.settimeout(timeout)
@@ -309,9 +341,11 @@ class Warm:
             rep_r, rep_w = os.pipe()      # oracle -> checker
             ours = [job_w, out_r, rec_r]
             theirs = [job_r, out_w, rec_w, req_r, req_w, rep_r, rep_w]
-            pids.append(self._fork(checker, "checker", [job_r, out_w, rec_w, req_w, rep_r]))
-            pids.append(self._fork(student, "student", [out_w, req_r, rep_w]))
-            job = json.dumps({**job, "oracle_pid": pids[1]}).encode()
+            pids.append(self._fork(checker, "checker", [job_r, out_w, rec_w, req_w, rep_r])["forked"])
+            forked = self._fork(student, "student", [out_w, req_r, rep_w])
+            pids.append(forked["forked"])
+            # rootless: the notebook runs in a PID namespace of its own, one process below the forked one
+            job = json.dumps({**job, "oracle_pid": forked.get("runs", forked["forked"])}).encode()
             for fd in theirs:
                 os.close(fd)
             theirs = []
@@ -402,7 +436,7 @@ class Warm:
         rec_r, rec_w = os.pipe()
         mine, child = [stdin_w, out_r, rec_r], [stdin_r, out_w, rec_w]
         try:
-            pid = self._fork(cgroup, "clean", child)
+            pid = self._fork(cgroup, "clean", child)["forked"]
             for fd in child:
                 os.close(fd)
             child = []

@@ -160,7 +160,131 @@ def _drop(uid: int, gid: int, config: dict) -> None:
         raise RuntimeError("the child kept root or a capability")
 
 
-def _child(fds: list[int], config: dict, role: str) -> None:
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x10000000, 0x20000000
+MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x4000, 0x40000, 0x2, 0x4, 0x8
+PR_SET_DUMPABLE, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 4, 47, 4
+SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
+NOBODY = 65534
+
+
+def _limits(config: dict) -> None:
+    for res, value in ((resource.RLIMIT_CPU, config["cpu"]), (resource.RLIMIT_FSIZE, config["file_size"]),
+                       (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 1024)):
+        resource.setrlimit(res, (value, value))
+
+
+def _no_capabilities(libc) -> None:
+    """Drop every capability this process holds (bounding, ambient, then permitted/effective/
+    inheritable with capset), set no_new_privs, and check that none is left."""
+    import platform
+
+    for cap in range(64):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EPERM without CAP_SETPCAP: checked below
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()
+    number = SYS_CAPSET.get(platform.machine())
+    if number is None or libc.syscall(number, header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _drop_rootless_checker(config: dict) -> None:
+    """Rootless: the checker keeps the sandbox's uid (one uid is mapped) with no capability, and is
+    not dumpable, so that no process of the same uid without capabilities in this user namespace can
+    read its memory or its /proc files; the student's process, in a PID namespace of its own below,
+    cannot name it to signal or trace it."""
+    _limits(config)
+    libc = ctypes.CDLL(None, use_errno=True)
+    _no_capabilities(libc)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    fields = _cap_fields()
+    if any(int(fields[k], 16) for k in ("CapPrm", "CapEff", "CapAmb")):
+        raise RuntimeError("the checker kept a capability")
+
+
+def _cap_fields() -> dict:
+    with open("/proc/self/status") as fh:
+        return dict(line.split(":", 1) for line in fh if line.startswith(("CapPrm", "CapEff", "CapAmb", "CapBnd")))
+
+
+def _isolate_rootless(config: dict, report: int) -> None:
+    """Rootless: the student's process (or the cleaner) in a user, mount and PID namespace of its
+    own, as `nobody` there with no capability. This process unshares and forks that namespace's
+    init, which forks the process that goes on; this one writes that process's pid (as the server
+    sees it: the checker reads its memory) to ``report``, waits for the init and exits with its
+    status. Neither it nor the init runs student code; the init has no capability, is not dumpable,
+    and exits with the notebook's process (the kernel then kills what is left in the namespace)."""
+    _limits(config)
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWPID) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(user, PID namespaces)")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{NOBODY} {uid} 1"), ("gid_map", f"{NOBODY} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as fh:
+            fh.write(text)
+    ready_r, ready_w = os.pipe()
+    init = os.fork()
+    if init:
+        code = 70
+        try:
+            os.close(ready_w)
+            os.read(ready_r, 1)  # the init has forked the notebook's process
+            os.write(report, f"{_child_of(init)}\n".encode())
+            os.closerange(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            code = _exit_code(os.waitpid(init, 0)[1])
+        finally:
+            os._exit(code)
+    os.close(report)
+    os.close(ready_r)
+    if libc.unshare(CLONE_NEWNS) != 0:  # a mount namespace of the init's own: the outer's /proc stays the server's
+        raise OSError(ctypes.get_errno(), "unshare(mount namespace)")
+    libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+    # /proc of the new PID namespace (refused where the sandbox's /proc has read-only overmounts:
+    # the old one then shows pids of the server's namespace, which this namespace cannot signal)
+    libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    notebook = os.fork()
+    if notebook:  # the init: reap, and end with the notebook's process
+        code = 70
+        try:
+            _no_capabilities(libc)
+            libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+            os.write(ready_w, b"x")
+            os.closerange(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            while True:
+                pid, status = os.wait()
+                if pid == notebook:
+                    code = _exit_code(status)
+                    break
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    _no_capabilities(libc)
+    if os.getuid() != NOBODY or _capabilities():
+        raise RuntimeError("the student's process kept a capability")
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
+def _child_of(parent: int) -> int:
+    """The pid (in this PID namespace) of ``parent``'s one child."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                return int(entry)
+    raise RuntimeError(f"no child of {parent}")
+
+
+def _child(fds: list[int], config: dict, role: str, report: int | None = None) -> None:
     """One process of a notebook: ``student`` (the oracle: fds out, requests, answers), ``checker``
     (the test cells: fds job, out, records, to the oracle, from the oracle) or ``clean`` (empties the
     private directories between notebooks: fds stdin, out, records)."""
@@ -170,6 +294,10 @@ def _child(fds: list[int], config: dict, role: str) -> None:
         layout = {"student": (1, 3, 4), "checker": (0, 1, 3, 4, 5), "clean": (0, 1, 3)}[role]
         if len(fds) != len(layout):
             raise RuntimeError(f"{role}: {len(fds)} file descriptors, expected {len(layout)}")
+        if report is not None:  # kept (above the others) until the notebook's process reports its pid
+            kept = fcntl.fcntl(report, fcntl.F_DUPFD, 200)
+            os.close(report)
+            report = kept
         moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]  # out of the way of the targets first
         for fd in fds:
             os.close(fd)
@@ -180,11 +308,18 @@ def _child(fds: list[int], config: dict, role: str) -> None:
         for fd, target in zip(moved, layout):
             os.dup2(fd, target)
         os.dup2(1, 2)  # stderr joins stdout (one capped stream)
-        os.closerange(max(layout) + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        if report is None:
+            os.closerange(max(layout) + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        else:
+            os.closerange(max(layout) + 1, report)
+            os.closerange(report + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         if role == "checker":
-            _drop(config["checker_uid"], config["checker_gid"], config)
+            if config.get("rootless"):
+                _drop_rootless_checker(config)
+            else:
+                _drop(config["checker_uid"], config["checker_gid"], config)
             os.chdir("/")
             os.environ["HOME"] = "/nonexistent"
             sys.stdin = open(0, closefd=False)
@@ -194,7 +329,10 @@ def _child(fds: list[int], config: dict, role: str) -> None:
 
             code = checker.main()
             return
-        _drop(config["uid"], config["gid"], config)
+        if config.get("rootless"):
+            _isolate_rootless(config, report)
+        else:
+            _drop(config["uid"], config["gid"], config)
         for directory in PRIVATE_DIRS:
             try:
                 _wipe(directory, config.get("keep", []))
@@ -233,6 +371,8 @@ def _child(fds: list[int], config: dict, role: str) -> None:
 def main() -> int:
     sock = socket.socket(fileno=int(os.environ.pop("D2LITE_ZYGOTE_FD")))
     config = json.loads(_readline(sock))
+    if config.get("rootless"):  # the same uid as the notebooks' processes: no /proc/<pid>/mem, environ, fd of it
+        ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     _preload(config.get("modules", []))
     for directory in PRIVATE_DIRS:  # caches the imports wrote (fontconfig, matplotlib): no child sees them
         _wipe(directory, config.get("keep", []))
@@ -261,13 +401,24 @@ def main() -> int:
             for fd in fds:
                 os.close(fd)
             return 0
+        inner = config.get("rootless") and header["role"] != "checker"
+        report_r, report_w = os.pipe() if inner else (None, None)
         pid = os.fork()
         if pid == 0:
             os.close(sock.detach())
-            _child(fds, config, header["role"])
+            if inner:
+                os.close(report_r)
+            _child(fds, config, header["role"], report_w)
         for fd in fds:
             os.close(fd)
-        _send(sock, {"forked": pid})
+        reply = {"forked": pid}
+        if inner:  # the process that runs the notebook: pid 1 of its own namespace, this pid here
+            os.close(report_w)
+            with os.fdopen(report_r, "rb") as fh:
+                line = fh.readline().strip()
+            if line.isdigit():
+                reply["runs"] = int(line)
+        _send(sock, reply)
 
 
 if __name__ == "__main__":
