@@ -151,9 +151,16 @@ def main() -> int:
                  "g = b.create(48 << 20, 8)\n"
                  "p = subprocess.run([sys.executable, '-I', '-S', '-c', 'x = bytearray(200 << 20)\\nfor i in range(0, len(x), 4096): x[i] = 1'],"
                  " preexec_fn=g.join)\n"
+                 "oom = g.oom_killed(); g.kill_all(); g.remove()\n"
+                 # processes: a fork loop whose children sleep stops at pids.max; kill-all leaves nothing
+                 "h = b.create(64 << 20, 12)\n"
+                 "loop = 'import os, time\\nn = 0\\nwhile n < 100:\\n    try:\\n        pid = os.fork()\\n    except OSError:\\n        break\\n"
+                 "    if pid == 0:\\n        time.sleep(60)\\n        os._exit(0)\\n    n += 1\\nprint(n, flush=True)\\ntime.sleep(60)\\n'\n"
+                 "q = subprocess.Popen([sys.executable, '-I', '-S', '-c', loop], preexec_fn=h.join, stdout=subprocess.PIPE, text=True)\n"
+                 "forked = int(q.stdout.readline() or -1)\ninside = len(h.procs())\nfound = h.kill_all()\nq.wait(timeout=30)\n"
+                 "left = h.procs(); h.remove()\n"
                  "print(json.dumps({'uid': os.getuid(), 'base': str(b.base), 'missing': missing, 'returncode': p.returncode,"
-                 " 'oom': g.oom_killed()}))\n"
-                 "g.kill_all(); g.remove()\n")
+                 " 'oom': oom, 'forked': forked, 'inside': inside, 'found': found, 'left': left}))\n")
     out = run_in(_Entry(delegated), user_code, user="nobody")
     try:
         seen = json.loads(out.stdout.strip().splitlines()[-1])
@@ -161,6 +168,8 @@ def main() -> int:
         seen = {"stdout": out.stdout[-2000:], "stderr": out.stderr[-2000:]}
     check("rootless_delegated_subtree", seen.get("uid") == nobody.pw_uid and seen.get("missing") == []
           and seen.get("returncode") == -signal.SIGKILL and seen.get("oom") is True, seen)
+    check("rootless_fork_loop_capped_and_killed", 0 < seen.get("forked", -1) < 12 and seen.get("inside", 99) <= 12
+          and seen.get("found") == seen.get("inside") and seen.get("left") == [], seen)
     for child in sorted(delegated.glob("*/"), reverse=True):
         try:
             child.rmdir()

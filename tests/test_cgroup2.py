@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VM = ROOT.parent / "shared" / "tools" / "cgroup2-vm" / "run.sh"
 CHECKS = ["detected_v2", "nothing_missing", "memory_cap_oom_kill", "peak_near_cap", "swap_off",
           "other_kill_not_memory", "fork_loop_stopped_at_pids_max", "kill_all_leaves_nothing", "removed",
-          "killed_grader_cleaned_next_run", "rootless_delegated_subtree", "check_as_root", "check_as_rootless"]
+          "killed_grader_cleaned_next_run", "rootless_delegated_subtree", "rootless_fork_loop_capped_and_killed", "check_as_root", "check_as_rootless"]
 
 
 @pytest.fixture(scope="module")
