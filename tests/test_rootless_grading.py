@@ -32,6 +32,9 @@ def rootless():
 PROBE = ("import os\nstatus = open('/proc/self/status').read()\n"
          "caps = sorted({l.split()[1] for l in status.splitlines() if l.startswith(('CapEff', 'CapPrm', 'CapBnd'))})\n"
          "print('PROBE', os.getuid(), os.getpid(), os.getppid(), caps)\n"
+         "for path in ('/etc/ld.so.preload', '/PLANT', '/dev/PLANT', '/usr/PLANT'):\n"
+         "    try:\n        open(path, 'w').close()\n        print('WROTE', path)\n"
+         "    except OSError as e:\n        print('REFUSED', path, e.errno)\n"
          "os.kill(1, 9)\n")  # the init of its PID namespace: signals from inside are ignored
 
 
@@ -54,3 +57,6 @@ def test_the_student_process_is_nobody_in_a_pid_namespace_of_its_own(tmp_path_fa
     _, uid, pid, ppid, caps = line.split(" ", 4)
     assert (int(uid), int(pid), int(ppid)) == (65534, 2, 1), line  # nobody, below our init in its own PID namespace
     assert eval(caps) == ["0000000000000000"], line  # no capability, none to regain
+    # the sandbox's root and /dev belong to the mapped uid, which is the student's too: read-only, or
+    # a notebook could leave /etc/ld.so.preload for the next one on the same server (the red team's)
+    assert "WROTE" not in printed and printed.count("REFUSED") == 4, printed[-2000:]

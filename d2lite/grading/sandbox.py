@@ -174,7 +174,11 @@ def _bwrap_rootless(ro_binds: list[Path], env: dict[str, str], disk: int) -> lis
     # as root (D2LITE_SANDBOX=rootless), root mapped to an ordinary uid inside: a user namespace
     # whose uid 0 has no capability cannot map its own children's
     ids = ["--uid", "1000", "--gid", "1000"] if os.geteuid() == 0 else []
-    return ["bwrap", "--unshare-user", *ids, "--cap-drop", "ALL", *args[1:], "--"]
+    # the sandbox's root and /dev belong to the mapped uid, which is also the student's: read-only,
+    # or one notebook could leave files there (/etc/ld.so.preload) for every later one on this server
+    # (found by attacking it); only the private tmpfs mounts stay writable, as in the root sandbox
+    return ["bwrap", "--unshare-user", *ids, "--cap-drop", "ALL", *args[1:],
+            "--remount-ro", "/dev", "--remount-ro", "/", "--"]
 
 
 def _bwrap_common(ro_binds: list[Path], env: dict[str, str], disk: int) -> list[str]:
