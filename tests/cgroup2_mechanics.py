@@ -136,14 +136,8 @@ def main() -> int:
     # rootless: `nobody` in a subtree delegated to it (chown of the directory and of cgroup.procs,
     # cgroup.subtree_control, cgroup.threads, as systemd's Delegate=yes does)
     delegated = backend.base / "d2lite-test-delegated"
-    if delegated.exists():
-        for child in delegated.glob("*/"):
-            child.rmdir()
-        delegated.rmdir()
-    delegated.mkdir()
     nobody = pwd.getpwnam("nobody")
-    for path in (delegated, delegated / "cgroup.procs", delegated / "cgroup.subtree_control", delegated / "cgroup.threads"):
-        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    _delegate(delegated, nobody)
     user_code = ("import importlib.util, json, os, subprocess, sys\n"
                  f"spec = importlib.util.spec_from_file_location('c', {str(MODULE)!r})\n"
                  "c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)\n"
@@ -170,15 +164,7 @@ def main() -> int:
           and seen.get("returncode") == -signal.SIGKILL and seen.get("oom") is True, seen)
     check("rootless_fork_loop_capped_and_killed", 0 < seen.get("forked", -1) < 12 and seen.get("inside", 99) <= 12
           and seen.get("found") == seen.get("inside") and seen.get("left") == [], seen)
-    for child in sorted(delegated.glob("*/"), reverse=True):
-        try:
-            child.rmdir()
-        except OSError:
-            pass
-    try:
-        delegated.rmdir()
-    except OSError:
-        pass
+    _remove(delegated)
 
     # what `d2lite grade --check` prints, as root and as `nobody` in a delegated subtree
     describe = LOADER + "print('\\n'.join(sandbox.describe()))\n"
@@ -187,26 +173,35 @@ def main() -> int:
     check("check_as_root", any(line.startswith("cgroup: v2") for line in root_lines)
           and any(line.startswith("sandbox: root") for line in root_lines)
           and root_lines[-1:] and root_lines[-1].startswith("verdict: ready"), root_lines)
-    delegated.mkdir()
-    for path in (delegated, delegated / "cgroup.procs", delegated / "cgroup.subtree_control", delegated / "cgroup.threads"):
-        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    _delegate(delegated, nobody)
     out = run_in(_Entry(delegated), describe, user="nobody", timeout=120)
     user_lines = out.stdout.splitlines() or [out.stderr[-2000:]]
     check("check_as_rootless", any(line.startswith("cgroup: v2") for line in user_lines)
           and any(line.startswith("sandbox: rootless") for line in user_lines)
           and user_lines[-1].startswith("verdict: ready"), user_lines)
-    for child in sorted(delegated.glob("*/"), reverse=True):
+    _remove(delegated)
+
+    print(json.dumps({"failures": failures, "results": results}))
+    return 1 if failures else 0
+
+
+def _delegate(path: Path, user) -> None:
+    """A fresh cgroup made over to ``user`` (the directory, cgroup.procs, cgroup.subtree_control and
+    cgroup.threads chowned, as systemd's Delegate=yes does)."""
+    if path.exists():
+        _remove(path)
+    path.mkdir()
+    for item in (path, path / "cgroup.procs", path / "cgroup.subtree_control", path / "cgroup.threads"):
+        os.chown(item, user.pw_uid, user.pw_gid)
+
+
+def _remove(path: Path) -> None:
+    """Remove a cgroup and the (empty) cgroups below it, deepest first."""
+    for child in sorted(path.glob("**/"), reverse=True):
         try:
             child.rmdir()
         except OSError:
             pass
-    try:
-        delegated.rmdir()
-    except OSError:
-        pass
-
-    print(json.dumps({"failures": failures, "results": results}))
-    return 1 if failures else 0
 
 
 class _Entry:

@@ -138,9 +138,7 @@ def _wipe(directory: str, keep: list[str] = ()) -> None:
 
 def _capabilities() -> bool:
     """Whether this process holds or could regain any capability (permitted, effective, ambient, bounding)."""
-    with open("/proc/self/status") as fh:
-        fields = dict(line.split(":", 1) for line in fh if line.startswith(("CapPrm", "CapEff", "CapAmb", "CapBnd")))
-    return any(int(v, 16) for v in fields.values())
+    return any(int(v, 16) for v in _cap_fields().values())
 
 
 def _drop(uid: int, gid: int, config: dict) -> None:
