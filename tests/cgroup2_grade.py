@@ -1,54 +1,216 @@
-"""One whole `d2lite grade` on a cgroup-v2-only machine (run as root in ../shared/tools/cgroup2-vm's
-guest by hand: torch under emulation takes minutes, too slow for CI): an honest notebook, the hostile
-suite's memory bomb and a fork bomb, graded through the cgroup v2 backend. Prints one JSON line:
-each student's score, its reasons, the peak memory, and whether anything of it is left running.
+"""Whole `d2lite grade` runs on a cgroup-v2-only machine, as root and as an unprivileged user in a
+delegated subtree, side by side (tests/test_cgroup2.py runs this in ../shared/tools/cgroup2-vm's
+guest, in CI). Every cap is met by a submission of its own, graded through the real pipeline
+(bubblewrap, the warm fork server, checker and oracle, the v2 backend, nbgrader's gradebook):
 
-    CG2VM_TIMEOUT=3000 CG2VM_RW=/tmp/cg2 ../shared/tools/cgroup2-vm/run.sh \\
-        .venv/bin/python tests/cgroup2_grade.py /tmp/cg2
+    honest (an edited, correct answer)    3/3
+    wrong (a real mistake)                 2/3
+    memory_bomb                            0, killed at the memory cap, reported as memory
+    fork_loop                              its forks stop at the process cap; all killed at the end
+    output_flood                           0, stopped at the output cap
+    endless_loop                           0, stopped at the wall-clock cap
+
+The course is one small notebook of its own (`tiny`), so that the runs under emulation take seconds,
+not the minutes the chapter's training notebooks would; the sandbox is the same one.
+
+    ../shared/tools/cgroup2-vm/run.sh .venv/bin/python tests/cgroup2_grade.py run COURSE
+
+COURSE is a course directory with `tiny` generated (``prepare``, run on the host: nbgrader's
+generate_assignment). Prints one JSON line: each mode's rows (from `d2lite grade`), its gradebook's
+scores (read back through nbgrader's Gradebook), what was left running as `nobody` and which d2lite
+cgroups are left, and how long each run took.
 """
+from __future__ import annotations
+
 import json
 import os
+import pwd
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("D2LITE_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ASSIGNMENT = NB = "tiny"
+MiB = 1 << 20
+# the caps of these runs (small, so that each is reached in seconds under emulation)
+CAPS = {"memory": 1024 * MiB, "wall": 60.0, "cpu": 120, "processes": 24, "output": 1 * MiB}
+REFERENCE = "def double(x):\n    ### BEGIN SOLUTION\n    return [2 * v for v in x] if isinstance(x, list) else 2 * x\n    ### END SOLUTION\n"
+ANSWER = "def double(x):\n    return [v + v for v in x] if isinstance(x, list) else x + x\n"
+SUBMISSIONS = {
+    "honest": ANSWER,
+    "wrong": "def double(x):\n    return x + x\n",     # a list is doubled in length: test_lists fails
+    "memory_bomb": "hog = []\nwhile True:\n    hog.append(b'x' * (32 << 20))\n" + ANSWER,
+    "fork_loop": ("import os, time\nforked = 0\nfor _ in range(200):\n    try:\n        pid = os.fork()\n"
+                  "    except OSError:\n        break\n    if pid == 0:\n        while True:\n            time.sleep(1000)\n"
+                  "    forked += 1\nprint('forked', forked)\n" + ANSWER),
+    "output_flood": "import os\nwhile True:\n    os.write(1, b'y' * 65536)\n" + ANSWER,
+    "endless_loop": "while True:\n    pass\n" + ANSWER,
+}
+EXPECTED = {"honest": 3, "wrong": 2, "memory_bomb": 0, "fork_loop": 3, "output_flood": 0, "endless_loop": 0}
 
-import nbformat  # noqa: E402
-from notebook_utils import ASSIGNMENT, nbgrader_env, new_course  # noqa: E402
-from test_trusted_grading import CORRECT, FULL, NB, _with  # noqa: E402
 
-from d2lite.grading import cgroups, sandbox  # noqa: E402
-from d2lite.grading.runner import grade  # noqa: E402
+def _source_notebook():
+    import nbformat
 
-FORK_BOMB = "import os\nfor _ in range(100000):\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-MEMORY_BOMB = "hog = []\nwhile True:\n    hog.append(torch.ones(64 << 20, dtype=torch.uint8))\n"
+    def meta(**kw):
+        return {"nbgrader": {"schema_version": 3, "task": False, "locked": False, "solution": False,
+                             "grade": False, **kw}}
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_markdown_cell("# Tiny\nWrite `double`.", metadata=meta(grade_id="intro", locked=True)),
+                nbformat.v4.new_code_cell(REFERENCE, metadata=meta(grade_id="answer", solution=True)),
+                nbformat.v4.new_code_cell("assert double(3) == 6\nassert double(-1.5) == -3.0",
+                                          metadata=meta(grade_id="test_numbers", grade=True, locked=True, points=2)),
+                nbformat.v4.new_code_cell("assert double([1, 2]) == [2, 4]",
+                                          metadata=meta(grade_id="test_lists", grade=True, locked=True, points=1))]
+    return nb
 
 
-def main() -> int:
-    base = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
-    base.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(dir=base, prefix="course-"))
-    os.environ["PATH"] = nbgrader_env()["PATH"]
-    new_course(root, Path(tempfile.mkdtemp(dir=base, prefix="exchange-")))
-    for student, prefix in (("honest", ""), ("memory_bomb", MEMORY_BOMB), ("fork_bomb", FORK_BOMB)):
-        folder = root / "submitted" / student / ASSIGNMENT
+def prepare(course: Path) -> None:
+    """The course: `tiny` generated by nbgrader, and one submission per case (the released notebook
+    with the answer cell filled in)."""
+    import nbformat
+    from nbgrader.apps import NbGraderAPI
+
+    sys.path.insert(0, str(HERE))
+    from notebook_utils import nbgrader_config
+
+    (course / "solutions" / ASSIGNMENT).mkdir(parents=True)
+    nbformat.write(_source_notebook(), str(course / "solutions" / ASSIGNMENT / f"{NB}.ipynb"))
+    shutil.copy(ROOT / "nbgrader_config.py", course)
+    config = nbgrader_config(root=str(course))
+    config.Exchange.root = str(course / "exchange")
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    result = NbGraderAPI(config=config).generate_assignment(ASSIGNMENT)
+    if not result["success"]:
+        raise SystemExit(result["error"] + result["log"][-3000:])
+    released = nbformat.read(str(course / "chapters" / ASSIGNMENT / f"{NB}.ipynb"), as_version=4)
+    for student, answer in SUBMISSIONS.items():
+        nb = nbformat.from_dict(json.loads(json.dumps(released)))
+        next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "answer").source = answer
+        folder = course / "submitted" / student / ASSIGNMENT
         folder.mkdir(parents=True)
-        nbformat.write(_with(CORRECT, prefix), str(folder / f"{NB}.ipynb"))
-    limits = sandbox.Limits(memory=1 << 30, wall=900, cpu=1800, processes=64, output=4 << 20)
+        nbformat.write(nb, str(folder / f"{NB}.ipynb"))
+
+
+def grade_here(course: Path) -> None:
+    """One `d2lite grade` of the course as this user (root, or not: the rootless sandbox); prints
+    its rows and the gradebook's scores as one JSON line."""
+    from nbgrader.api import Gradebook
+
+    from d2lite.grading import cgroups, sandbox
+    from d2lite.grading.runner import NotGraded, grade
+
     start = time.monotonic()
-    rows = grade(root, ASSIGNMENT, limits=limits, notebooks=[NB], workers=1, echo=print)
-    left = subprocess.run(["pgrep", "-u", "nobody"], capture_output=True, text=True).stdout.split()
-    print(json.dumps({"backend": cgroups.detect().version, "seconds": round(time.monotonic() - start, 1),
-                      "full": FULL, "left_running_as_nobody": left,
-                      "rows": {r.student: {"score": r.score, "peak_mib": round(r.peak_mib, 1),
-                                           "seconds": round(r.seconds, 1), "reasons": r.reasons[:3]}
-                               for r in rows}}))
+    limits = sandbox.Limits(memory=CAPS["memory"], wall=CAPS["wall"], cpu=CAPS["cpu"],
+                            processes=CAPS["processes"], output=CAPS["output"])
+    error = None
+    try:
+        rows = grade(course, ASSIGNMENT, limits=limits, workers=1, progress=False, echo=lambda line: None)
+    except NotGraded as failed:
+        rows, error = failed.rows, str(failed)
+    # what the fork loop itself printed (its count of forks that succeeded), from the autograded copy
+    printed = ""
+    autograded = course / "autograded" / "fork_loop" / ASSIGNMENT / f"{NB}.ipynb"
+    if autograded.is_file():
+        import nbformat  # (reads the lines nbformat splits a text into back as one string)
+
+        printed = "".join(str(o.get("text", "")) for c in nbformat.read(str(autograded), as_version=4).cells
+                          for o in c.get("outputs", []))
+    forked = [int(w) for w in printed.split("forked ")[1:2] for w in [w.split()[0]] if w.isdigit()]
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        book = {s: gb.find_submission_notebook(NB, ASSIGNMENT, s).score for s in SUBMISSIONS
+                if _submitted(gb, s)}
+    print(json.dumps({"uid": os.geteuid(), "rootless": sandbox.ROOTLESS, "cgroup": cgroups.detect().version,
+                      "seconds": round(time.monotonic() - start, 1), "error": error, "gradebook": book,
+                      "forked": forked[0] if forked else None,
+                      "rows": {r.student: {"score": r.score, "max": r.max_score, "seconds": round(r.seconds, 1),
+                                           "peak_mib": round(r.peak_mib, 1), "graded": r.graded,
+                                           "reasons": r.reasons} for r in rows}}), flush=True)
+
+
+def _submitted(gb, student: str) -> bool:
+    try:
+        gb.find_submission_notebook(NB, ASSIGNMENT, student)
+        return True
+    except Exception:  # noqa: BLE001 — MissingEntry: not in the gradebook
+        return False
+
+
+def run(course: Path) -> int:
+    """As root in the guest: the same course graded twice at once, by root and by `nobody` in a
+    subtree delegated to it; then what is left running and which cgroups remain."""
+    sys.path.insert(0, str(HERE))
+    from cgroup2_mechanics import _delegate, _Entry, _remove, cgroups
+
+    nobody = pwd.getpwnam("nobody")
+    # this machine keeps Python under /root (0700): a user's Python is readable to that user. The
+    # guest's root is a throw-away layer: let `nobody` through /root to the interpreter (no listing)
+    if not os.stat("/root").st_mode & 0o001:
+        os.chmod("/root", 0o711)
+    work = Path(tempfile.mkdtemp(prefix="d2lite-cg2-"))
+    os.chmod(work, 0o755)
+    courses = {"root": work / "root", "rootless": work / "rootless"}
+    for path in courses.values():
+        shutil.copytree(course, path, symlinks=True)
+    home = work / "home"
+    home.mkdir()
+    for path in (courses["rootless"], home):
+        for item in [path, *path.rglob("*")]:
+            os.lchown(item, nobody.pw_uid, nobody.pw_gid)
+    backend = cgroups.detect()
+    # as systemd does for a unit with Delegate=yes: the controllers enabled above the delegated
+    # cgroup (the root cgroup may hold processes and still hand them down), the cgroup made over
+    (backend.mount / "cgroup.subtree_control").write_text("+memory +pids")
+    delegated = backend.mount / "d2lite-test-delegated-grade"
+    _delegate(delegated, nobody)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("D2LITE_SANDBOX", None)
+    user_env = {**env, "HOME": str(home), "USER": "nobody", "LOGNAME": "nobody",
+                "XDG_RUNTIME_DIR": str(home), "MPLCONFIGDIR": str(home / "mpl")}
+
+    def as_nobody():
+        _Entry(delegated).join()
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+
+    me = [sys.executable, "-I", str(Path(__file__).resolve()), "grade"]
+    started = time.monotonic()
+    procs = {"root": subprocess.Popen(me + [str(courses["root"])], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=work),
+             "rootless": subprocess.Popen(me + [str(courses["rootless"])], env=user_env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, cwd=home, preexec_fn=as_nobody)}
+    report = {"caps": CAPS, "expected": EXPECTED, "modes": {}}
+    for mode, proc in procs.items():
+        out, err = proc.communicate(timeout=1500)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        report["modes"][mode] = json.loads(lines[-1]) if lines else {"exit": proc.returncode, "stderr": err[-4000:]}
+        report["modes"][mode]["exit"] = proc.returncode
+    report["seconds"] = round(time.monotonic() - started, 1)
+    time.sleep(1)
+    report["left_running_as_nobody"] = subprocess.run(["pgrep", "-u", "nobody", "-a"], capture_output=True,
+                                                      text=True).stdout.splitlines()
+    # the graders' own leaves stay (a process cannot remove the cgroup it is in; the next run's
+    # remove_stale does): what is left must hold no process
+    report["cgroups_left"] = {str(p.relative_to(backend.mount)): (p / "cgroup.procs").read_text().split()
+                              for p in backend.mount.rglob("d2lite-*") if p.is_dir() and p != delegated}
+    _remove(delegated)
+    print(json.dumps(report), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    what, path = sys.argv[1], Path(sys.argv[2])
+    if what == "prepare":
+        prepare(path)
+    elif what == "grade":
+        grade_here(path)
+    elif what == "run":
+        sys.exit(run(path))
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} prepare|grade|run COURSE")

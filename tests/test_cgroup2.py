@@ -1,7 +1,12 @@
-"""The cgroup v2 backend on a cgroup-v2-only Linux (most instructors' machines; ours are v1):
-tests/cgroup2_mechanics.py runs as root in ../shared/tools/cgroup2-vm's QEMU guest (Debian 12's
-kernel, cgroup_no_v1=all) and reports each check. ~1-2 minutes the first time on a machine (the
-guest is set up), then ~30 s."""
+"""The grader on a cgroup-v2-only Linux (most instructors' machines; ours are v1), in
+../shared/tools/cgroup2-vm's QEMU guest (Debian 12's kernel, cgroup_no_v1=all):
+
+- tests/cgroup2_mechanics.py: the v2 backend's mechanics with small payloads, as root and as a user
+  with a delegated subtree (~1-2 minutes the first time on a machine, the guest being set up; then
+  ~30 s);
+- tests/cgroup2_grade.py: whole `d2lite grade` runs, as root and as `nobody` in a delegated subtree
+  side by side, of a class whose submissions meet every cap (memory, processes, wall time, output)
+  and of honest and mistaken ones (~4 minutes: torch under emulation)."""
 import json
 import os
 import shutil
@@ -10,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import cgroup2_grade
 
 from d2lite.grading import cgroups, sandbox
 
@@ -69,3 +76,89 @@ def test_v2_refuses_a_subtree_it_cannot_write(tmp_path):
     missing = cgroups.V2(mount=fake, base=fake).missing()
     text = " ".join(missing)
     assert "memory controller" in text and "pids controller" in text, missing
+
+
+# --- whole grades in the guest, as root and rootless ------------------------------------------
+
+MODES = ["root", "rootless"]
+
+
+@pytest.fixture(scope="module")
+def grades(tmp_path_factory):
+    if not VM.exists():
+        pytest.skip(f"no cgroup v2 guest here ({VM})")
+    if os.geteuid() != 0:
+        pytest.skip("the cgroup v2 guest's setup needs root")
+    shared = tmp_path_factory.mktemp("cg2grade")
+    course = shared / "course"
+    subprocess.run([sys.executable, str(ROOT / "tests" / "cgroup2_grade.py"), "prepare", str(course)],
+                   check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "CG2VM_RW": str(shared), "CG2VM_MEM": "6G", "CG2VM_TIMEOUT": "1800"}
+    done = subprocess.run([str(VM), sys.executable, str(ROOT / "tests" / "cgroup2_grade.py"), "run", str(course)],
+                          capture_output=True, text=True, timeout=1900, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"the guest reported nothing (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def _mode(grades, mode):
+    ran = grades["modes"][mode]
+    assert ran.get("exit") == 0 and ran.get("error") is None and "rows" in ran, ran
+    assert ran["cgroup"] == 2 and ran["rootless"] == (mode == "rootless"), ran
+    assert (ran["uid"] == 0) == (mode == "root"), ran
+    return ran
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_v2_each_submission_gets_its_score_in_the_report_and_the_gradebook(grades, mode):
+    ran = _mode(grades, mode)
+    scores = {student: row["score"] for student, row in ran["rows"].items()}
+    assert scores == cgroup2_grade.EXPECTED, ran["rows"]
+    assert ran["gradebook"] == cgroup2_grade.EXPECTED, ran["gradebook"]
+    assert all(row["graded"] for row in ran["rows"].values()), ran["rows"]
+    assert ran["rows"]["honest"]["reasons"] == [], ran["rows"]["honest"]
+    assert any("test_lists" in r for r in ran["rows"]["wrong"]["reasons"]), ran["rows"]["wrong"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_v2_memory_bomb_is_killed_at_the_cap_and_reported_as_memory(grades, mode):
+    row = _mode(grades, mode)["rows"]["memory_bomb"]
+    cap_mib = grades["caps"]["memory"] / 2**20
+    assert any("memory cap" in r for r in row["reasons"]), row
+    assert 0.9 * cap_mib <= row["peak_mib"] <= cap_mib + 1, row
+    # the batch went on: the students graded after it (in name order) got their scores
+    assert _mode(grades, mode)["rows"]["output_flood"]["score"] == 0 and _mode(grades, mode)["rows"]["wrong"]["score"] == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_v2_fork_loop_stops_at_the_process_cap(grades, mode):
+    ran = _mode(grades, mode)
+    cap = grades["caps"]["processes"]
+    # its own count of the forks that succeeded (of 200 tried): the cap counts it and its children
+    assert ran["forked"] is not None and 0 < ran["forked"] < cap, ran.get("forked")
+    killed = [int(r.split()[0]) for r in ran["rows"]["fork_loop"]["reasons"] if "still running at the end" in r]
+    assert all(n < cap for n in killed), ran["rows"]["fork_loop"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_v2_endless_loop_is_stopped_at_the_wall_clock_cap(grades, mode):
+    row = _mode(grades, mode)["rows"]["endless_loop"]
+    wall = grades["caps"]["wall"]
+    assert any("wall-clock cap" in r for r in row["reasons"]), row
+    assert wall <= row["seconds"] < wall + 30, row
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_v2_output_flood_is_stopped_at_the_output_cap(grades, mode):
+    row = _mode(grades, mode)["rows"]["output_flood"]
+    assert any("MiB of output" in r for r in row["reasons"]), row
+    assert row["seconds"] < grades["caps"]["wall"], row
+
+
+def test_v2_nothing_is_left_running_after_both_grades(grades):
+    for mode in MODES:
+        _mode(grades, mode)
+    assert grades["left_running_as_nobody"] == [], grades["left_running_as_nobody"]
+    # what stays is the graders' own (empty) leaves, which the next run removes
+    assert all(procs == [] and name.endswith("-grader") for name, procs in grades["cgroups_left"].items()), \
+        grades["cgroups_left"]

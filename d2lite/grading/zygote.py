@@ -219,9 +219,14 @@ def _isolate_rootless(config: dict, report: int) -> None:
     uid, gid = os.getuid(), os.getgid()
     if libc.unshare(CLONE_NEWUSER | CLONE_NEWPID) != 0:
         raise OSError(ctypes.get_errno(), "unshare(user, PID namespaces)")
+    # the server made itself not dumpable, and so is this fork of it; older kernels (Debian 12's
+    # 6.1) then give its /proc/self files to the global root, and writing the maps is refused: it is
+    # dumpable only while it writes them (no student code runs yet), then not again
+    libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     for name, text in (("setgroups", "deny"), ("uid_map", f"{NOBODY} {uid} 1"), ("gid_map", f"{NOBODY} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as fh:
             fh.write(text)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     ready_r, ready_w = os.pipe()
     init = os.fork()
     if init:
