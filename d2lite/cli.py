@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         description=GRADE_HELP)
     grd.add_argument("assignment", nargs="?", help="the assignment, e.g. batch_norm")
     grd.add_argument("--check", action="store_true",
-                     help="print what this machine offers the sandbox (cgroup v1 or v2, root, bubblewrap) "
-                          "and what the grader will use, then exit (status 1 if it cannot grade here)")
+                     help="print what this machine offers the sandbox (cgroup v1 or v2, root, bubblewrap), "
+                          "what the grader will use and the caps (with --memory, --timeout, ...) it would "
+                          "put on each notebook, then exit (status 1 if it cannot grade here)")
     grd.add_argument("--student", action="append", default=[], metavar="ID",
                      help="grade only this student (repeatable; default: everyone in submitted/)")
     grd.add_argument("--notebook", action="append", default=[], metavar="NAME",
@@ -201,16 +202,16 @@ def main(argv: list[str] | None = None) -> int:
         from .grading.runner import grade
         from .grading.sandbox import Limits, SandboxUnavailable
 
+        limits = Limits(memory=args.memory, wall=float(args.timeout), cpu=args.cpu,
+                        processes=args.processes, output=args.output)
         if args.check:
             from .grading import sandbox
 
-            lines = sandbox.describe()
+            lines = sandbox.describe(limits)
             print("\n".join(lines))
             return 0 if lines[-1].startswith("verdict: ready") else 1
         if not args.assignment:
             raise SystemExit("d2lite grade: name the assignment (e.g. `d2lite grade batch_norm`), or --check")
-        limits = Limits(memory=args.memory, wall=float(args.timeout), cpu=args.cpu,
-                        processes=args.processes, output=args.output)
         try:
             if args.workers and args.scheduler:
                 raise SystemExit("d2lite grade: --workers and --scheduler exclude each other (a Dask "

@@ -172,13 +172,15 @@ def main() -> int:
                                 timeout=120).stdout.splitlines()
     check("check_as_root", any(line.startswith("cgroup: v2") for line in root_lines)
           and any(line.startswith("sandbox: root") for line in root_lines)
-          and root_lines[-1:] and root_lines[-1].startswith("verdict: ready"), root_lines)
+          and root_lines[-1:] and root_lines[-1].startswith("verdict: ready")
+          and any(line.startswith("  memory: 4 GiB per notebook (memory.max") for line in root_lines), root_lines)
     _delegate(delegated, nobody)
     out = run_in(_Entry(delegated), describe, user="nobody", timeout=120)
     user_lines = out.stdout.splitlines() or [out.stderr[-2000:]]
     check("check_as_rootless", any(line.startswith("cgroup: v2") for line in user_lines)
           and any(line.startswith("sandbox: rootless") for line in user_lines)
-          and user_lines[-1].startswith("verdict: ready"), user_lines)
+          and user_lines[-1].startswith("verdict: ready")
+          and any(line.startswith("  processes: 64 tasks") for line in user_lines), user_lines)
     _remove(delegated)
 
     print(json.dumps({"failures": failures, "results": results}))

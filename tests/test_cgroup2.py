@@ -66,6 +66,20 @@ def test_check_prints_what_it_found_and_what_it_will_use():
         assert ready, done.stdout
 
 
+def test_check_prints_the_caps_the_command_would_put_on_each_notebook():
+    done = subprocess.run([str(Path(sys.executable).parent / "d2lite"), "grade", "--check", "--memory", "1536M",
+                           "--timeout", "90", "--processes", "12", "--output", "2M"],
+                          capture_output=True, text=True, timeout=120)
+    if not done.stdout.strip().splitlines()[-1].startswith("verdict: ready"):
+        pytest.skip("the sandbox is unavailable here: --check prints no caps")
+    lines = done.stdout.splitlines()
+    caps = lines[lines.index("caps:") + 1:-1]
+    text = "\n".join(caps)
+    assert "memory: 1536 MiB per notebook" in text and "processes: 12 tasks" in text, text
+    assert "wall time: 90 s" in text and "output: 2 MiB" in text, text
+    assert ("memory.max" if cgroups.detect().version == 2 else "memory.limit_in_bytes") in text, text
+
+
 def test_v2_refuses_a_subtree_it_cannot_write(tmp_path):
     """A v2 cgroup the grader may not write is named as missing, with the way to get one."""
     fake = tmp_path / "cg"

@@ -106,8 +106,32 @@ def check_features() -> None:
                                  + ". It refuses to run student code unprotected.")
 
 
-def describe() -> list[str]:
-    """What ``d2lite grade --check`` prints: what this machine has, and what the grader will use."""
+def _amount(n: int) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
+def caps(limits: Limits, version: int) -> list[str]:
+    """Each cap of ``limits`` and what enforces it on a cgroup ``version`` machine, in words."""
+    memory = ("memory.max, memory.swap.max 0; a kill read from memory.events oom_kill" if version == 2 else
+              "memory.limit_in_bytes, and memory.memsw.limit_in_bytes where swap is accounted; a kill read "
+              "from memory.oom_control")
+    return [f"  memory: {_amount(limits.memory)} per notebook ({memory})",
+            f"  processes: {limits.processes} tasks (processes and threads) per notebook (pids.max)",
+            f"  wall time: {limits.wall:g} s per notebook (the grader's clock, then a kill of its whole cgroup"
+            + (": cgroup.kill)" if version == 2 else ")"),
+            f"  output: {_amount(limits.output)} of stdout+stderr per notebook (read by the grader, then a kill "
+            "of its whole cgroup)",
+            f"  CPU time: {limits.cpu} s per process (RLIMIT_CPU)",
+            f"  disk: {_amount(limits.disk)} in each private tmpfs (home, /tmp, /dev/shm); files up to "
+            f"{_amount(limits.file_size)} (RLIMIT_FSIZE)"]
+
+
+def describe(limits: Limits | None = None) -> list[str]:
+    """What ``d2lite grade --check`` prints: what this machine has, what the grader will use, and
+    the caps ``limits`` (the command's) would put on each notebook."""
     b = backend()
     lines = [f"cgroup: v{b.version} ({'unified hierarchy' if b.version == 2 else 'memory and pids hierarchies'} "
              f"at /sys/fs/cgroup)", f"  will use: {b.describe()}"]
@@ -126,6 +150,8 @@ def describe() -> list[str]:
     except SandboxUnavailable as error:
         lines.append(f"verdict: cannot grade here. {error}")
         return lines
+    lines.append("caps:")
+    lines += caps(limits or Limits(), b.version)
     lines.append("verdict: ready: each notebook runs in bubblewrap (PID, mount, network, IPC, UTS namespaces"
                  + (", and a user namespace" if ROOTLESS else "") + ") as `nobody`, with the caps above")
     return lines
