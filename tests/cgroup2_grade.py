@@ -1,6 +1,7 @@
-"""Whole `d2lite grade` runs on a cgroup-v2-only machine, as root and as an unprivileged user in a
-delegated subtree, side by side (tests/test_cgroup2.py runs this in ../shared/tools/cgroup2-vm's
-guest, in CI). Every cap is met by a submission of its own, graded through the real pipeline
+"""Whole `d2lite grade` runs on a cgroup-v2-only machine, as root, as an unprivileged user in a
+delegated subtree, and (where podman is installed) as root in a container run as
+deploy/Containerfile says, all three side by side (tests/test_cgroup2.py runs this in
+../shared/tools/cgroup2-vm's guest, in CI). Every cap is met by a submission of its own, graded through the real pipeline
 (bubblewrap, the warm fork server, checker and oracle, the v2 backend, nbgrader's gradebook):
 
     honest (an edited, correct answer)    3/3
@@ -18,7 +19,8 @@ not the minutes the chapter's training notebooks would; the sandbox is the same 
 COURSE is a course directory with `tiny` generated (``prepare``, run on the host: nbgrader's
 generate_assignment). Prints one JSON line: each mode's rows (from `d2lite grade`), its gradebook's
 scores (read back through nbgrader's Gradebook), what was left running as `nobody` and which d2lite
-cgroups are left, and how long each run took.
+cgroups are left, how long each run took, and what `--check` said in a container without
+--privileged (its cgroup read-only: the grader must refuse).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ ROOT = HERE.parent
 ASSIGNMENT = NB = "tiny"
 MiB = 1 << 20
 # the caps of these runs (small, so that each is reached in seconds under emulation)
-CAPS = {"memory": 1024 * MiB, "wall": 60.0, "cpu": 120, "processes": 24, "output": 1 * MiB}
+CAPS = {"memory": 1024 * MiB, "wall": 30.0, "cpu": 120, "processes": 24, "output": 1 * MiB}
 REFERENCE = "def double(x):\n    ### BEGIN SOLUTION\n    return [2 * v for v in x] if isinstance(x, list) else 2 * x\n    ### END SOLUTION\n"
 ANSWER = "def double(x):\n    return [v + v for v in x] if isinstance(x, list) else x + x\n"
 SUBMISSIONS = {
@@ -141,6 +143,36 @@ def _submitted(gb, student: str) -> bool:
         return False
 
 
+def _podman(work: Path):
+    """A `podman run` of this machine's own files as a container (no image: no registry here): a
+    root of its own with /usr, /etc, Python, this checkout and the data set mounted read-only."""
+    rootfs = work / "rootfs"
+    for name in ("proc", "sys", "dev", "tmp", "run", "var"):
+        (rootfs / name).mkdir(parents=True, exist_ok=True)
+    os.chmod(rootfs / "tmp", 0o1777)
+    for name in ("bin", "lib", "lib64", "sbin"):
+        if Path(f"/{name}").is_symlink():
+            (rootfs / name).symlink_to(os.readlink(f"/{name}"))
+    shown = {Path("/usr"), Path("/etc"), Path(sys.base_prefix).resolve(), ROOT}
+    if os.environ.get("D2LITE_DATA"):
+        shown.add(Path(os.environ["D2LITE_DATA"]).resolve())
+    volumes = []
+    for path in sorted(shown):
+        (rootfs / str(path).lstrip("/")).mkdir(parents=True, exist_ok=True)
+        volumes += ["-v", f"{path}:{path}:ro"]
+    store = work / "podman"
+    base = ["podman", "--root", str(store / "root"), "--runroot", str(store / "run"), "--storage-driver", "vfs",
+            "--cgroup-manager", "cgroupfs", "--events-backend", "file", "run", "--rm", "--network", "none"]
+
+    def command(flags: list[str], argv: list[str]) -> list[str]:
+        for flag in flags:  # the course's mount point
+            if flag.count(":") == 1 and flag.startswith("/"):
+                (rootfs / flag.split(":")[1].lstrip("/")).mkdir(parents=True, exist_ok=True)
+        env = ["-e", f"D2LITE_DATA={os.environ.get('D2LITE_DATA', '')}", "-e", "PYTHONDONTWRITEBYTECODE=1"]
+        return base + flags + volumes + env + ["--rootfs", str(rootfs)] + argv
+    return command
+
+
 def run(course: Path) -> int:
     """As root in the guest: the same course graded twice at once, by root and by `nobody` in a
     subtree delegated to it; then what is left running and which cgroups remain."""
@@ -186,6 +218,22 @@ def run(course: Path) -> int:
              "rootless": subprocess.Popen(me + [str(courses["rootless"])], env=user_env, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True, cwd=home, preexec_fn=as_nobody)}
     report = {"caps": CAPS, "expected": EXPECTED, "modes": {}}
+    if shutil.which("podman"):
+        # a container as deploy/Containerfile says to run it (rootful podman, --privileged
+        # --cgroupns=private): the grader finds the container's own cgroup as its subtree
+        shutil.copytree(course, work / "container", symlinks=True)
+        podman = _podman(work)
+        procs["container"] = subprocess.Popen(
+            podman(["--privileged", "--cgroupns=private", "-v", f"{work / 'container'}:{work / 'container'}"],
+                   me + [str(work / "container")]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # without --privileged: the container's cgroup is read-only, and the grader refuses, naming it
+        sys.path.insert(0, str(HERE))
+        from cgroup2_mechanics import LOADER
+        refused = subprocess.run(podman(["--cgroupns=private"], [sys.executable, "-I", "-c", LOADER
+                                         + "print('\\n'.join(sandbox.describe()))\n"]),
+                                 capture_output=True, text=True, timeout=600)
+        report["container_unprivileged_check"] = {"exit": refused.returncode,
+                                                  "lines": (refused.stdout or refused.stderr[-3000:]).splitlines()}
     for mode, proc in procs.items():
         out, err = proc.communicate(timeout=1500)
         lines = [line for line in out.splitlines() if line.startswith("{")]

@@ -94,7 +94,7 @@ def test_v2_refuses_a_subtree_it_cannot_write(tmp_path):
 
 # --- whole grades in the guest, as root and rootless ------------------------------------------
 
-MODES = ["root", "rootless"]
+MODES = ["root", "rootless", "container"]
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +112,17 @@ def grades(tmp_path_factory):
                           capture_output=True, text=True, timeout=1900, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, f"the guest reported nothing (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    (shared / "report.json").write_text(lines[-1])  # kept with pytest's temporary files, to read after a failure
     return json.loads(lines[-1])
 
 
 def _mode(grades, mode):
+    if mode == "container" and not shutil.which("podman"):
+        pytest.skip("no podman here (.ci/run installs it)")
     ran = grades["modes"][mode]
     assert ran.get("exit") == 0 and ran.get("error") is None and "rows" in ran, ran
     assert ran["cgroup"] == 2 and ran["rootless"] == (mode == "rootless"), ran
-    assert (ran["uid"] == 0) == (mode == "root"), ran
+    assert (ran["uid"] == 0) == (mode != "rootless"), ran
     return ran
 
 
@@ -169,10 +172,19 @@ def test_v2_output_flood_is_stopped_at_the_output_cap(grades, mode):
     assert row["seconds"] < grades["caps"]["wall"], row
 
 
-def test_v2_nothing_is_left_running_after_both_grades(grades):
+def test_v2_nothing_is_left_running_after_every_grade(grades):
     for mode in MODES:
         _mode(grades, mode)
     assert grades["left_running_as_nobody"] == [], grades["left_running_as_nobody"]
     # what stays is the graders' own (empty) leaves, which the next run removes
     assert all(procs == [] and name.endswith("-grader") for name, procs in grades["cgroups_left"].items()), \
         grades["cgroups_left"]
+
+
+def test_v2_container_without_privileges_refuses_and_names_what_is_missing(grades):
+    if not shutil.which("podman"):
+        pytest.skip("no podman here (.ci/run installs it)")
+    seen = grades["container_unprivileged_check"]
+    text = "\n".join(seen["lines"])
+    assert seen["exit"] == 0 and seen["lines"][-1].startswith("verdict: cannot grade here"), text
+    assert "write access to the cgroup v2 subtree" in text and "MISSING" in text, text
