@@ -18,8 +18,8 @@ not the minutes the chapter's training notebooks would; the sandbox is the same 
 
 COURSE is a course directory with `tiny` generated (``prepare``, run on the host: nbgrader's
 generate_assignment). Prints one JSON line: each mode's rows (from `d2lite grade`), its gradebook's
-scores (read back through nbgrader's Gradebook), what was left running as `nobody` and which d2lite
-cgroups are left, how long each run took, and what `--check` said in a container without
+scores (read back through nbgrader's Gradebook), which d2lite cgroups and which processes of users
+other than root are left, how long each run took, and what `--check` said in a container without
 --privileged (its cgroup read-only: the grader must refuse).
 """
 from __future__ import annotations
@@ -173,11 +173,28 @@ def _podman(work: Path):
     return command
 
 
+def _not_root() -> list[str]:
+    """The processes of this machine whose real uid is not root's: "pid uid command"."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                uid = next(line.split()[1] for line in (entry / "status").read_text().splitlines()
+                           if line.startswith("Uid:"))
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+            except (OSError, StopIteration):
+                continue
+            if uid != "0":
+                found.append(f"{entry.name} {uid} {command}")
+    return found
+
+
 def run(course: Path) -> int:
-    """As root in the guest: the same course graded twice at once, by root and by `nobody` in a
-    subtree delegated to it; then what is left running and which cgroups remain."""
+    """As root in the guest: the same course graded at once by root, by `nobody` in a subtree
+    delegated to it, and (with podman) by root in a container; then what is left running and which
+    cgroups remain."""
     sys.path.insert(0, str(HERE))
-    from cgroup2_mechanics import _delegate, _Entry, _remove, cgroups
+    from cgroup2_mechanics import LOADER, _delegate, _Entry, _remove, cgroups
 
     nobody = pwd.getpwnam("nobody")
     # this machine keeps Python under /root (0700): a user's Python is readable to that user. The
@@ -227,8 +244,6 @@ def run(course: Path) -> int:
             podman(["--privileged", "--cgroupns=private", "-v", f"{work / 'container'}:{work / 'container'}"],
                    me + [str(work / "container")]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # without --privileged: the container's cgroup is read-only, and the grader refuses, naming it
-        sys.path.insert(0, str(HERE))
-        from cgroup2_mechanics import LOADER
         refused = subprocess.run(podman(["--cgroupns=private"], [sys.executable, "-I", "-c", LOADER
                                          + "print('\\n'.join(sandbox.describe()))\n"]),
                                  capture_output=True, text=True, timeout=600)
@@ -241,8 +256,9 @@ def run(course: Path) -> int:
         report["modes"][mode]["exit"] = proc.returncode
     report["seconds"] = round(time.monotonic() - started, 1)
     time.sleep(1)
-    report["left_running_as_nobody"] = subprocess.run(["pgrep", "-u", "nobody", "-a"], capture_output=True,
-                                                      text=True).stdout.splitlines()
+    # every process of the grades ran as `nobody` or the checker's uid (or the rootless sandbox's,
+    # `nobody` outside): none of them may be left, nor any other than root's
+    report["left_running_not_root"] = _not_root()
     # the graders' own leaves stay (a process cannot remove the cgroup it is in; the next run's
     # remove_stale does): what is left must hold no process
     report["cgroups_left"] = {str(p.relative_to(backend.mount)): (p / "cgroup.procs").read_text().split()
