@@ -48,18 +48,19 @@ def nbgrader_config(**course):
     return config
 
 
-def new_course(root: Path, exchange: Path):
-    """A course directory at ``root``: the solutions, the project's nbgrader_config.py, and the
-    assignment generated (nbgrader's bin directory must be on PATH). Returns an NbGraderAPI on it."""
+def new_course(root: Path, exchange: Path, solutions: Path = SOLUTIONS, assignment: str = ASSIGNMENT):
+    """A course directory at ``root``: the solutions (the chapter's, or those in ``solutions`` as
+    ``assignment``), the project's nbgrader_config.py, and the assignment generated (nbgrader's bin
+    directory must be on PATH). Returns an NbGraderAPI on it."""
     import shutil
 
     from nbgrader.apps import NbGraderAPI
 
-    shutil.copytree(SOLUTIONS, root / "solutions" / ASSIGNMENT)
+    shutil.copytree(solutions, root / "solutions" / assignment)
     shutil.copy(ROOT / "nbgrader_config.py", root)
     config = nbgrader_config(root=str(root))
     config.Exchange.root = str(exchange)
     api = NbGraderAPI(config=config)
-    result = api.generate_assignment(ASSIGNMENT)
+    result = api.generate_assignment(assignment)
     assert result["success"], result["error"] + result["log"][-3000:]
     return api

@@ -4,9 +4,9 @@
 - tests/cgroup2_mechanics.py: the v2 backend's mechanics with small payloads, as root and as a user
   with a delegated subtree (~1-2 minutes the first time on a machine, the guest being set up; then
   ~30 s);
-- tests/cgroup2_grade.py: whole `d2lite grade` runs, as root and as `nobody` in a delegated subtree
-  side by side, of a class whose submissions meet every cap (memory, processes, wall time, output)
-  and of honest and mistaken ones (~4 minutes: torch under emulation)."""
+- tests/cgroup2_grade.py: whole `d2lite grade` runs, as root, as `nobody` in a delegated subtree and
+  as root in a podman container, side by side, of a class whose submissions meet every cap (memory,
+  processes, wall time, output) and of honest and mistaken ones (~6 minutes: torch under emulation)."""
 import json
 import os
 import shutil
@@ -24,27 +24,35 @@ ROOT = Path(__file__).resolve().parents[1]
 VM = ROOT.parent / "shared" / "tools" / "cgroup2-vm" / "run.sh"
 
 
-def _vm_env(**settings) -> dict:
-    """The guest's settings. Its cores are this machine's, said outright: run.sh asks `nproc`, which
-    obeys OMP_NUM_THREADS, and an earlier test that read nbgrader_config.py set that to 1 in this
-    process (one core made the guest's three warm servers miss their start-up time)."""
-    return {**os.environ, "CG2VM_SMP": str(len(os.sched_getaffinity(0))), **settings}
 CHECKS = ["detected_v2", "nothing_missing", "memory_cap_oom_kill", "peak_near_cap", "swap_off",
           "other_kill_not_memory", "fork_loop_stopped_at_pids_max", "kill_all_leaves_nothing", "removed",
           "killed_grader_cleaned_next_run", "rootless_delegated_subtree", "rootless_fork_loop_capped_and_killed", "check_as_root", "check_as_rootless"]
 
 
-@pytest.fixture(scope="module")
-def guest():
+def _skip_without_guest() -> None:
     if not VM.exists():
         pytest.skip(f"no cgroup v2 guest here ({VM})")
     if os.geteuid() != 0:
         pytest.skip("the cgroup v2 guest's setup needs root")
-    done = subprocess.run([str(VM), sys.executable, str(ROOT / "tests" / "cgroup2_mechanics.py")],
-                          capture_output=True, text=True, timeout=900, env=_vm_env())
+
+
+def _in_guest(argv: list[str], timeout: float, **settings) -> tuple[int, str]:
+    """Run ``argv`` in the guest; its exit status and the last JSON line it printed. The guest's
+    cores are this machine's, said outright: run.sh asks `nproc`, which obeys OMP_NUM_THREADS, and an
+    earlier test that read nbgrader_config.py set that to 1 in this process (one core made the
+    guest's three warm servers miss their start-up time)."""
+    env = {**os.environ, "CG2VM_SMP": str(len(os.sched_getaffinity(0))), **settings}
+    done = subprocess.run([str(VM), *argv], capture_output=True, text=True, timeout=timeout, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, f"the guest reported nothing (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.returncode, json.loads(lines[-1])
+    return done.returncode, lines[-1]
+
+
+@pytest.fixture(scope="module")
+def guest():
+    _skip_without_guest()
+    returncode, line = _in_guest([sys.executable, str(ROOT / "tests" / "cgroup2_mechanics.py")], timeout=900)
+    return returncode, json.loads(line)
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -106,21 +114,15 @@ MODES = ["root", "rootless", "container"]
 
 @pytest.fixture(scope="module")
 def grades(tmp_path_factory):
-    if not VM.exists():
-        pytest.skip(f"no cgroup v2 guest here ({VM})")
-    if os.geteuid() != 0:
-        pytest.skip("the cgroup v2 guest's setup needs root")
+    _skip_without_guest()
     shared = tmp_path_factory.mktemp("cg2grade")
     course = shared / "course"
-    subprocess.run([sys.executable, str(ROOT / "tests" / "cgroup2_grade.py"), "prepare", str(course)],
-                   check=True, capture_output=True, timeout=300)
-    env = _vm_env(CG2VM_RW=str(shared), CG2VM_MEM="6G", CG2VM_TIMEOUT="1800")
-    done = subprocess.run([str(VM), sys.executable, str(ROOT / "tests" / "cgroup2_grade.py"), "run", str(course)],
-                          capture_output=True, text=True, timeout=1900, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"the guest reported nothing (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    (shared / "report.json").write_text(lines[-1])  # kept with pytest's temporary files, to read after a failure
-    return json.loads(lines[-1])
+    script = str(ROOT / "tests" / "cgroup2_grade.py")
+    subprocess.run([sys.executable, script, "prepare", str(course)], check=True, capture_output=True, timeout=300)
+    _, line = _in_guest([sys.executable, script, "run", str(course)], timeout=1900,
+                        CG2VM_RW=str(shared), CG2VM_MEM="6G", CG2VM_TIMEOUT="1800")
+    (shared / "report.json").write_text(line)  # kept with pytest's temporary files, to read after a failure
+    return json.loads(line)
 
 
 def _mode(grades, mode):
@@ -146,12 +148,13 @@ def test_v2_each_submission_gets_its_score_in_the_report_and_the_gradebook(grade
 
 @pytest.mark.parametrize("mode", MODES)
 def test_v2_memory_bomb_is_killed_at_the_cap_and_reported_as_memory(grades, mode):
-    row = _mode(grades, mode)["rows"]["memory_bomb"]
+    rows = _mode(grades, mode)["rows"]
+    row = rows["memory_bomb"]
     cap_mib = grades["caps"]["memory"] / 2**20
     assert any("memory cap" in r for r in row["reasons"]), row
     assert 0.9 * cap_mib <= row["peak_mib"] <= cap_mib + 1, row
     # the batch went on: the students graded after it (in name order) got their scores
-    assert _mode(grades, mode)["rows"]["output_flood"]["score"] == 0 and _mode(grades, mode)["rows"]["wrong"]["score"] == 2
+    assert rows["output_flood"]["score"] == 0 and rows["wrong"]["score"] == 2
 
 
 @pytest.mark.parametrize("mode", MODES)
